@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fashion_mnist_dir() -> Path:
-    # CI points FASHION_MNIST_DIR at the shared copy; locally the same copy lies beside the checkout.
+    # CI points FASHION_MNIST_DIR at the shared copy; locally it lies beside the checkout.
     env = os.environ.get("FASHION_MNIST_DIR")
     return Path(env) if env else REPO.parent / "shared" / "data" / "fashion_mnist"
 
