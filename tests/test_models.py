@@ -1,0 +1,462 @@
+"""Tests for resnet_jax.models, sized for a 2-core CPU (narrow models, tiny inputs).
+
+Parameter counts and geometry use ``jax.eval_shape`` (no compute); numerical checks recompute
+blocks by hand with ``lax.conv_general_dilated`` and the batch-norm formula from the block's own
+parameters.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from jax import lax
+
+from resnet_jax import models
+
+HIGHEST = lax.Precision.HIGHEST
+EPS = 1e-5
+REQUIRED = {
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "preact_resnet18", "preact_resnet34", "preact_resnet50", "plain18",
+    "plain34",
+}
+# Narrow models keep compile and run time small. ResNeXt-50 32x4d needs width >= 16: its groups
+# have int(planes * 4 / 64) channels, which is 0 at planes = 8.
+TEST_WIDTH = {name: 8 for name in models.list_models()} | {"resnext50_32x4d": 16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def random_variables(module, x_shape, seed=0, **init_kwargs):
+    """Random (non-trivial) variables with the module's structure, without running init."""
+    x = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32)
+    abstract = jax.eval_shape(
+        functools.partial(module.init, train=False, **init_kwargs), jax.random.key(0), x
+    )
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        key = path[-1].key
+        if key in ("var", "scale"):  # positive, away from 1, so BN is not a no-op
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:
+            value = rng.normal(0.0, 0.2, leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def conv(x, p, strides=1, groups=1):
+    """PyTorch-style conv (pad (k-1)//2 both sides) with the params of a flax nn.Conv."""
+    pad = (p["kernel"].shape[0] - 1) // 2
+    y = lax.conv_general_dilated(
+        x, p["kernel"], (strides, strides), ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups, precision=HIGHEST,
+    )
+    return y + p["bias"] if "bias" in p else y
+
+
+def bn(x, p, stats=None):
+    """Batch norm: running statistics when given, else this batch's (biased) statistics."""
+    if stats is None:
+        mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    else:
+        mean, var = stats["mean"], stats["var"]
+    return (x - mean) / jnp.sqrt(var + EPS) * p["scale"] + p["bias"]
+
+
+def max_pool(x):
+    """PyTorch's MaxPool2d(3, stride=2, padding=1): padding never wins the max."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+
+
+def intermediates(model, variables, x, **kwargs):
+    """Eval-mode output plus every submodule's output, keyed by module path."""
+    y, state = model.apply(
+        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"], **kwargs
+    )
+    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    return y, {"/".join(k.key for k in path[:-2]): v for path, v in flat}
+
+
+def spatial_sizes(model, side, names):
+    """Spatial side of the named submodules' outputs, via eval_shape (no compute)."""
+    x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+    variables = models.abstract_variables(model, x.shape)
+    _, inter = jax.eval_shape(functools.partial(intermediates, model), variables, x)
+    return [inter[name].shape[1] for name in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every registered model: output shape and dtype
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _variables(name):
+    # Random variables from eval_shape: every model shares one set for both compute dtypes.
+    model = models.create_model(name, width=TEST_WIDTH[name])
+    return random_variables(model, (2, 32, 32, 3))
+
+
+class ForwardTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(name=sorted(REQUIRED), dtype=("float32", "bfloat16"))
+    def test_output_shape_and_dtype(self, name, dtype):
+        model = models.create_model(name, width=TEST_WIDTH[name], dtype=jnp.dtype(dtype))
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+        y = self.variant(lambda v, x: model.apply(v, x, train=False))(_variables(name), x)
+        chex.assert_shape(y, (2, 10))
+        chex.assert_type(y, jnp.float32)  # logits are float32 whatever the compute dtype
+        chex.assert_tree_all_finite(y)
+
+
+def test_list_models_sorted_and_complete():
+    names = models.list_models()
+    assert names == sorted(names)
+    assert set(names) >= REQUIRED
+
+
+def test_bfloat16_keeps_float32_params_and_statistics():
+    model = models.create_model("resnet18", width=8, stem="small", dtype=jnp.bfloat16)
+    variables = random_variables(model, (2, 8, 8, 3))
+    x = jnp.ones((2, 8, 8, 3))
+    y, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert y.dtype == jnp.float32
+    for leaf in jax.tree.leaves((variables["params"], state["batch_stats"])):
+        assert leaf.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts (eval_shape only)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chapter_resnet18_param_count():
+    variables = models.abstract_variables(models.create_model("resnet18"), (1, 96, 96, 1))
+    assert models.param_count(variables) == 11_178_378
+
+
+@pytest.mark.parametrize(
+    "name, count",
+    [
+        ("resnet18", 11_689_512),
+        ("resnet34", 21_797_672),
+        ("resnet50", 25_557_032),
+        ("resnet101", 44_549_160),
+        ("resnet152", 60_192_808),
+        ("resnext50_32x4d", 25_028_904),
+        ("resnext101_32x8d", 88_791_336),
+    ],
+)
+def test_torchvision_param_counts(name, count):
+    model = models.create_model(name, num_classes=1000, variant="torchvision")
+    variables = models.abstract_variables(model, (1, 224, 224, 3))
+    assert models.param_count(variables) == count
+    assert models.param_count(variables["params"]) == count
+
+
+def test_torchvision_variant_names_and_biases():
+    variables = models.abstract_variables(
+        models.create_model("resnet50", variant="torchvision"), (1, 32, 32, 3)
+    )
+    params = variables["params"]
+    assert set(params["layer1_0"]) == {
+        "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_conv", "downsample_bn",
+    }
+    assert set(params["conv1"]) == {"kernel"}  # no conv biases
+    assert "downsample_conv" not in params["layer1_1"]  # identity shortcut
+    chapter = models.abstract_variables(models.create_model("resnet18"), (1, 32, 32, 3))["params"]
+    assert set(chapter["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "downsample_conv"}
+    assert set(chapter["layer2_0"]["conv1"]) == {"kernel", "bias"}
+
+
+def test_plain_nets_have_no_shortcut_parameters():
+    plain = models.abstract_variables(models.create_model("plain34"), (1, 32, 32, 3))["params"]
+    assert not any("downsample_conv" in block for block in plain.values())
+    resnet = models.abstract_variables(models.create_model("resnet34"), (1, 32, 32, 3))["params"]
+    projections = sum(
+        models.param_count(block["downsample_conv"])
+        for block in resnet.values()
+        if "downsample_conv" in block
+    )
+    assert models.param_count(resnet) - models.param_count(plain) == projections
+
+
+def test_width_scales_every_stage():
+    model = models.create_model("resnet50", width=16)
+    assert model.stage_channels == (16, 32, 64, 128)
+    params = models.abstract_variables(model, (1, 32, 32, 3))["params"]
+    assert params["conv1"]["kernel"].shape[-1] == 16
+    assert params["fc"]["kernel"].shape == (128 * 4, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: PyTorch padding, total stride, minimum image size, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chapter_spatial_sizes_match_pytorch():
+    model = models.create_model("resnet18")
+    names = ["conv1", "layer1_1", "layer2_0", "layer3_0", "layer4_1"]
+    assert spatial_sizes(model, 28, names) == [14, 7, 4, 2, 1]
+    assert spatial_sizes(model, 96, names) == [48, 24, 12, 6, 3]
+    small = models.create_model("resnet18", stem="small")
+    assert spatial_sizes(small, 28, names) == [28, 28, 14, 7, 4]
+
+
+@pytest.mark.parametrize("stem, stride, min_size", [("imagenet", 32, 17), ("small", 8, 5)])
+def test_total_stride_and_min_image_size(stem, stride, min_size):
+    model = models.create_model("resnet18", stem=stem, width=8)
+    assert models.total_stride(model) == stride
+    assert models.min_image_size(model) == min_size
+    # The last strided layer (layer4_0) sees layer3's output: >= 2 at min_size, 1 just below.
+    assert spatial_sizes(model, min_size, ["layer3_1"]) == [2]
+    assert spatial_sizes(model, min_size - 1, ["layer3_1"]) == [1]
+    if stem == "imagenet":
+        assert models.min_image_size(model) <= 28 and models.min_image_size(model) > 16
+
+
+def test_model_flops_scale_with_area():
+    model = models.create_model("resnet18", width=8, stem="small")
+    small = models.model_flops(model, (1, 32, 32, 3))
+    large = models.model_flops(model, (2, 64, 64, 3))  # per image, so the batch cancels out
+    assert small["flops"] > 0
+    assert 3.5 < large["flops"] / small["flops"] < 4.5
+    assert small["params"] == large["params"]
+    assert small["params"] == models.param_count(models.abstract_variables(model, (1, 8, 8, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch norm: train mode updates the statistics, eval mode uses them
+# ---------------------------------------------------------------------------------------------
+
+
+# A real init is slow on CPU (XLA compiles the random sampler once per kernel shape: ~15 s for a
+# ResNet-18), so the tests that need one share this one.
+INIT_MODEL = models.create_model("resnet18", width=8, stem="small", zero_init_residual=True)
+
+
+@functools.cache
+def _initialized():
+    x = jnp.ones((1, 8, 8, 3))
+    return jax.jit(functools.partial(INIT_MODEL.init, train=False))(jax.random.key(0), x)
+
+
+def test_train_updates_batch_stats_and_eval_uses_them():
+    model, variables = INIT_MODEL, _initialized()
+    x = jnp.asarray(np.random.default_rng(1).normal(2.0, 1.0, (4, 16, 16, 3)), jnp.float32)
+    train = jax.jit(
+        lambda v, x: model.apply(
+            v, x, train=True, mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda mdl, _: mdl.name == "conv1",
+        )
+    )
+    _, state = train(variables, x)
+    # Running mean moves 10% of the way (flax momentum 0.9) towards this batch's mean.
+    conv1_out = state["intermediates"]["conv1"]["__call__"][0]
+    np.testing.assert_allclose(
+        state["batch_stats"]["bn1"]["mean"], 0.1 * conv1_out.mean(axis=(0, 1, 2)), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        state["batch_stats"]["bn1"]["var"], 0.9 + 0.1 * conv1_out.var(axis=(0, 1, 2)), atol=1e-4
+    )
+    updated = {"params": variables["params"], "batch_stats": state["batch_stats"]}
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    before, after = evaluate(variables, x), evaluate(updated, x)
+    assert not np.allclose(before, after)
+    np.testing.assert_array_equal(after, evaluate(updated, x))  # deterministic
+    # Running statistics make each example's output independent of the rest of the batch.
+    np.testing.assert_allclose(evaluate(updated, x[:1])[0], after[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["d2l", "torchvision"])
+def test_residual_block_matches_the_chapter_by_hand(variant):
+    block = models.Residual(16, use_1x1conv=True, strides=2, variant=variant)
+    variables = random_variables(block, (2, 9, 9, 8))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 9, 8)), jnp.float32)
+    p, s = variables["params"], variables["batch_stats"]
+    y = jax.nn.relu(bn(conv(x, p["conv1"], 2), p["bn1"], s["bn1"]))
+    y = bn(conv(y, p["conv2"]), p["bn2"], s["bn2"])
+    shortcut = conv(x, p["downsample_conv"], 2)
+    if variant == "torchvision":
+        shortcut = bn(shortcut, p["downsample_bn"], s["downsample_bn"])
+    expected = jax.nn.relu(y + shortcut)
+    out = block.apply(variables, x, train=False)
+    chex.assert_shape(out, (2, 5, 5, 16))  # PyTorch: floor((9 + 2 - 3) / 2) + 1
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# zero_init_residual
+# ---------------------------------------------------------------------------------------------
+
+# 16 channels in and out; the bottlenecks share kernel shapes so init compiles once for them.
+IDENTITY_BLOCKS = {
+    "basic": lambda **kw: models.Residual(16, **kw),
+    "basic_torchvision": lambda **kw: models.Residual(16, variant="torchvision", **kw),
+    "bottleneck": lambda **kw: models.Bottleneck(4, cardinality=2, base_width=64, **kw),
+    "preact_basic": lambda **kw: models.PreActResidual(16, **kw),
+    "preact_bottleneck": lambda **kw: models.PreActBottleneck(4, cardinality=2, **kw),
+    "resnext_chapter": lambda **kw: models.ResNeXtBlock(16, groups=4, bot_mul=0.5, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IDENTITY_BLOCKS))
+def test_zero_init_identity_blocks_are_the_identity(kind):
+    x = jnp.abs(jnp.asarray(np.random.default_rng(3).normal(size=(2, 6, 6, 16)), jnp.float32))
+    block = IDENTITY_BLOCKS[kind](zero_init_residual=True)
+    variables = block.init(jax.random.key(0), x, train=False)
+    np.testing.assert_allclose(block.apply(variables, x, train=False), x, atol=1e-6)
+    out, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, x, atol=1e-6)
+    plain = IDENTITY_BLOCKS[kind]()
+    assert not np.allclose(plain.apply(plain.init(jax.random.key(0), x, train=False), x,
+                                       train=False), x)
+
+
+def test_zero_init_residual_reaches_every_block_of_a_model():
+    params = _initialized()["params"]
+    blocks = [name for name in params if name.startswith("layer")]
+    assert len(blocks) == 8
+    for name in blocks:
+        np.testing.assert_array_equal(params[name]["bn2"]["scale"], 0.0)  # the last BN only
+        np.testing.assert_array_equal(params[name]["bn1"]["scale"], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped convolution = separate narrow convolutions, concatenated (ResNeXt)
+# ---------------------------------------------------------------------------------------------
+
+GROUPED_BLOCKS = {
+    # width = int(32 * 16 / 64) * 4 = 32 channels in 4 groups of 8.
+    "bottleneck": (lambda: models.Bottleneck(32, cardinality=4, base_width=16), 4, 128),
+    # The chapter's groups=8 means 8 channels per group: 32 bottleneck channels in 4 groups.
+    "resnext_chapter": (lambda: models.ResNeXtBlock(64, groups=8, bot_mul=0.5), 4, 64),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GROUPED_BLOCKS))
+def test_grouped_conv_equals_split_convolutions(kind):
+    make, cardinality, channels = GROUPED_BLOCKS[kind]
+    block = make()
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 6, channels)), jnp.float32)
+    variables = random_variables(block, x.shape)
+    _, inter = intermediates(block, variables, x)
+    conv2_in = jax.nn.relu(inter["bn1"])
+    p = variables["params"]["conv2"]
+    kernel = p["kernel"]
+    assert kernel.shape == (3, 3, 32 // cardinality, 32)  # each group sees 1/C of the input
+    cin, cout = 32 // cardinality, 32 // cardinality
+    parts = [
+        conv(conv2_in[..., g * cin : (g + 1) * cin],
+             {"kernel": kernel[..., g * cout : (g + 1) * cout]})
+        for g in range(cardinality)
+    ]
+    expected = jnp.concatenate(parts, axis=-1) + p.get("bias", 0.0)
+    np.testing.assert_allclose(inter["conv2"], expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-activation: BN -> ReLU -> conv, numerically
+# ---------------------------------------------------------------------------------------------
+
+
+def test_preact_basic_block_by_hand_in_train_mode():
+    block = models.PreActResidual(16, use_1x1conv=True, strides=2)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 8)), jnp.float32)
+    variables = random_variables(block, x.shape)
+    p = variables["params"]
+    pre = jax.nn.relu(bn(x, p["bn1"]))
+    y = conv(jax.nn.relu(bn(conv(pre, p["conv1"], 2), p["bn2"])), p["conv2"])
+    expected = y + conv(pre, p["downsample_conv"], 2)  # projection of the pre-activated input
+    out, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_preact_bottleneck_block_by_hand():
+    block = models.PreActBottleneck(8, cardinality=2, base_width=32)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 6, 6, 32)), jnp.float32)
+    variables = random_variables(block, x.shape)
+    p, s = variables["params"], variables["batch_stats"]
+    y = conv(jax.nn.relu(bn(x, p["bn1"], s["bn1"])), p["conv1"])
+    y = conv(jax.nn.relu(bn(y, p["bn2"], s["bn2"])), p["conv2"], groups=2)
+    y = conv(jax.nn.relu(bn(y, p["bn3"], s["bn3"])), p["conv3"])
+    out = block.apply(variables, x, train=False)
+    np.testing.assert_allclose(out, x + y, rtol=1e-4, atol=1e-4)  # no ReLU after the addition
+
+
+def test_preact_network_stem_first_stage_and_head_by_hand():
+    model = models.create_model("preact_resnet18", width=8)
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = random_variables(model, x.shape)
+    p, s = variables["params"], variables["batch_stats"]
+    assert "bn1" not in p and "final_bn" in p  # stem: conv (+ max-pool) only
+    logits, inter = intermediates(model, variables, x)
+    # Stem: 7x7/2 conv then max-pool, no BN/ReLU in between; first stage: BN -> ReLU -> conv.
+    h = max_pool(conv(x, p["conv1"], 2))
+    for name in ("layer1_0", "layer1_1"):
+        q, t = p[name], s[name]
+        y = conv(jax.nn.relu(bn(h, q["bn1"], t["bn1"])), q["conv1"])
+        h = h + conv(jax.nn.relu(bn(y, q["bn2"], t["bn2"])), q["conv2"])
+        np.testing.assert_allclose(inter[name], h, rtol=1e-4, atol=1e-4)
+    # Head: final BN -> ReLU -> global average pool -> fc.
+    pooled = jax.nn.relu(bn(inter["layer4_1"], p["final_bn"], s["final_bn"])).mean(axis=(1, 2))
+    expected = pooled @ p["fc"]["kernel"] + p["fc"]["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("resnet19", {}, r"unknown model 'resnet19'; valid names: .*resnet18"),
+        ("resnet18", {"foo": 1}, r"unknown option\(s\) foo .*valid options: .*variant"),
+        ("resnet18", {"cardinality": 4}, r"unknown option\(s\) cardinality .*valid options"),
+        ("resnet18", {"variant": "foo"}, r"variant='foo' .*valid values: d2l, torchvision"),
+        ("resnet50", {"stem": "bar"}, r"stem='bar' .*valid values: imagenet, small"),
+        ("resnet18", {"width": 0}, r"width=0 .*positive integer"),
+        ("resnext50_32x4d", {"cardinality": -1}, r"cardinality=-1 .*positive integer"),
+    ],
+)
+def test_bad_names_and_options_raise_value_error(name, options, match):
+    with pytest.raises(ValueError, match=match) as info:
+        models.create_model(name, **options)
+    assert "\n" not in str(info.value)
+
+
+def test_resnext_hyperparameters_override():
+    model = models.create_model("resnext50_32x4d", cardinality=8, base_width=14, width=64)
+    params = models.abstract_variables(model, (1, 32, 32, 3))["params"]
+    # width = int(64 * 14 / 64) * 8 = 112 channels in 8 groups of 14.
+    assert params["layer1_0"]["conv2"]["kernel"].shape == (3, 3, 14, 112)
+    same = models.create_model("resnet50", cardinality=32, base_width=4)
+    assert (same.cardinality, same.base_width) == (32, 4)
+
+
+def test_chapter_resnext_block_shapes_and_shortcut():
+    block = models.ResNeXtBlock(32, groups=4, bot_mul=1, use_1x1conv=True, strides=2)
+    x = jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32)
+    variables = jax.eval_shape(functools.partial(block.init, train=False), jax.random.key(0), x)
+    params = variables["params"]
+    assert params["conv2"]["kernel"].shape == (3, 3, 4, 32)  # 32 // 4 = 8 groups of 4 channels
+    assert {"downsample_conv", "downsample_bn"} <= set(params)  # the chapter's conv4 + bn4
+    assert "bias" in params["conv1"]  # LazyConv2d's default bias
+    out = jax.eval_shape(functools.partial(block.apply, train=False), variables, x)
+    assert out.shape == (1, 4, 4, 32)
+    bad = models.ResNeXtBlock(32, groups=5, bot_mul=1)
+    with pytest.raises(ValueError, match="groups=5 must divide bot_channels=32"):
+        jax.eval_shape(functools.partial(bad.init, train=False), jax.random.key(0), x)
