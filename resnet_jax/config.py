@@ -1,0 +1,179 @@
+"""The training configuration: one typed place, from which `--help` and validation are derived.
+
+Defaults are the chapter's run (D2L 8.6): ResNet-18 on Fashion-MNIST resized to 96x96, batch 128,
+plain SGD with learning rate 0.01, 10 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from resnet_jax.errors import UserError
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+STEMS = ("imagenet", "small")
+
+# Fields that fix the trajectory of a run: resuming a workdir with any of them changed would
+# silently give a different result, so it is an error (``--overwrite`` starts afresh on purpose).
+# Extending ``epochs`` or ``max_steps`` is allowed: it only continues the same trajectory.
+IDENTITY_FIELDS = (
+    "arch", "dataset", "image_size", "stem", "width", "zero_init_residual", "batch_size",
+    "learning_rate", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
+    "label_smoothing", "precision", "augment", "seed", "train_examples",
+)
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run. Field docs are the `--help` text."""
+
+    arch: str = _f("resnet18", "model name from resnet_jax.list_models()")
+    dataset: str = _f("fashion_mnist", "TFDS dataset name (fashion_mnist, mnist, kmnist, cifar10)")
+    data_dir: str | None = _f(
+        None,
+        "a prepared TFDS data dir, a TFDS manual dir (<dir>/downloads/manual), or a folder with "
+        "the original IDX .gz files; default: TFDS's data dir, then the usual system folders",
+    )
+    workdir: str = _f("workdir", "where config.json, metrics.jsonl, events, curves.png and "
+                      "checkpoints/ go; running again with the same workdir resumes")
+    epochs: int = _f(10, "number of passes over the training set")
+    batch_size: int = _f(128, "global batch size, split over every device; training drops the "
+                         "last partial batch of each epoch, evaluation counts every test image "
+                         "once")
+    learning_rate: float = _f(0.01, "peak learning rate")
+    optimizer: str = _f("sgd", "one of " + ", ".join(OPTIMIZERS), choices=OPTIMIZERS)
+    momentum: float = _f(0.9, "momentum for the momentum and nesterov optimizers (adamw: b1)")
+    weight_decay: float = _f(0.0, "decoupled for adamw, L2 added to the gradient otherwise")
+    schedule: str = _f("constant", "learning-rate schedule: " + ", ".join(SCHEDULES),
+                       choices=SCHEDULES)
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 to the peak rate, in epochs")
+    label_smoothing: float = _f(0.0, "label smoothing in [0, 1)")
+    image_size: int = _f(96, "side of the square training image after resizing (the chapter: 96)")
+    precision: str = _f("fp32", "fp32, or bf16: bfloat16 compute with float32 params, optimizer "
+                        "state and batch-norm statistics", choices=PRECISIONS)
+    augment: bool = _f(False, "random crop with padding and horizontal flip, on the device")
+    stem: str = _f("imagenet", "imagenet: 7x7/2 conv + 3x3/2 max-pool (the chapter's b1); small: "
+                   "3x3/1 conv, no pool (for 28x28 and 32x32 inputs)", choices=STEMS)
+    width: int = _f(64, "channels of the first stage (later stages double)")
+    zero_init_residual: bool = _f(False, "start the last BN scale of every block at 0, so each "
+                                  "block starts as the identity")
+    seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
+    train_examples: int | None = _f(None, "use only the first N training examples (quick runs)")
+    max_steps: int | None = _f(None, "stop after this many steps in total, then evaluate and "
+                               "checkpoint (smoke runs)")
+    checkpoint_every: int = _f(1, "checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = _f(3, "keep the last N checkpoints, plus the best by val accuracy")
+    steps_per_dispatch: int = _f(0, "train steps run inside one jitted loop per host dispatch; "
+                                 "0: auto (1 on CPU, 100 on an accelerator)")
+    overwrite: bool = _f(False, "delete what the workdir holds and start again")
+    coordinator_address: str | None = _f(None, "multi-host: host:port of process 0 "
+                                         "(jax.distributed); default: auto-detect (SLURM, ...)")
+    num_processes: int | None = _f(None, "multi-host: total number of processes")
+    process_id: int | None = _f(None, "multi-host: this process's index")
+    init_timeout: int = _f(300, "multi-host: seconds to wait for the coordinator before failing")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def validate(config: Config) -> Config:
+    """Checks what can be checked without JAX devices or data; raises UserError (one line)."""
+    from resnet_jax import models  # Local: keeps `--help` fast.
+
+    if config.arch not in models.list_models():
+        raise UserError(f"unknown --arch {config.arch!r}; valid: {', '.join(models.list_models())}")
+    from resnet_jax import data
+
+    if config.dataset not in data.DATASETS:
+        raise UserError(f"unknown --dataset {config.dataset!r}; valid: {', '.join(data.DATASETS)}")
+    for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                          ("precision", PRECISIONS), ("stem", STEMS)):
+        if getattr(config, name) not in choices:
+            raise UserError(f"unknown --{name} {getattr(config, name)!r}; valid: "
+                            f"{', '.join(choices)}")
+    for name in ("epochs", "batch_size", "image_size", "width", "checkpoint_every",
+                 "keep_checkpoints", "init_timeout"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(config, name)}")
+    if not config.learning_rate > 0:
+        raise UserError(f"--learning_rate must be positive, got {config.learning_rate}")
+    for name in ("max_steps", "train_examples", "num_processes"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    if config.steps_per_dispatch < 0:
+        raise UserError(f"--steps_per_dispatch must be >= 0, got {config.steps_per_dispatch}")
+    if config.weight_decay < 0 or config.warmup_epochs < 0 or config.momentum < 0:
+        raise UserError("--weight_decay, --warmup_epochs and --momentum must be >= 0")
+    if not 0 <= config.label_smoothing < 1:
+        raise UserError(f"--label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    if config.warmup_epochs >= config.epochs and config.schedule == "cosine":
+        raise UserError("--warmup_epochs must be smaller than --epochs for the cosine schedule")
+    return config
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _typed(kind: type, name: str):
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--{name} expects {kind.__name__}, got {text!r}") from None
+    return convert
+
+
+def make_parser(prog: str | None = None, description: str | None = None,
+                exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """An argparse parser with one `--flag` per Config field, documented from the field."""
+    parser = _OneLineParser(prog=prog, description=description,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(Config):
+        if f.name in exclude:
+            continue
+        base = str(f.type).split("|")[0].strip()
+        kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
+        if base == "bool":
+            # `--augment` alone means true; `--augment=false` is accepted too.
+            kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        else:
+            kw.update(type=_typed(hints[base], f.name), metavar=base.upper())
+        parser.add_argument(f"--{f.name}", **kw)
+    return parser
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """The Config for parsed arguments (unknown attributes of `args` are ignored)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint of a training workdir on the whole test split: accuracy, loss and the
+confusion matrix with class names."""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from resnet_jax.cli import run_main  # noqa: E402
+
+
+def format_confusion(confusion, class_names: list[str]) -> str:
+    """Rows are true classes, columns predicted ones."""
+    width = max(6, max(len(str(v)) for v in confusion.flat) + 1)
+    names = [n[:12] for n in class_names]
+    label = max(len(n) for n in names)
+    head = " " * (label + 2) + "".join(f"{i:>{width}}" for i in range(len(names)))
+    rows = [f"{i} {n:<{label}}" + "".join(f"{v:>{width}}" for v in row)
+            for i, (n, row) in enumerate(zip(names, confusion, strict=True))]
+    return "\n".join([head, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resnet_jax.config import _OneLineParser
+
+    parser = _OneLineParser(prog="evaluate.py", description=__doc__,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a workdir written by train.py")
+    parser.add_argument("--checkpoint", default="latest", help="best, latest, or a step number")
+    parser.add_argument("--data_dir", default=None, help="override the data dir the run used")
+    args = parser.parse_args(argv)
+
+    def job():
+        from resnet_jax.train import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args.workdir, args.checkpoint, args.data_dir)
+        print(f"checkpoint step {result['step']}: test accuracy {result['val_accuracy']:.4f}, "
+              f"loss {result['val_loss']:.4f} on {result['val_count']} images")
+        print("confusion matrix (rows: true class, columns: predicted):")
+        print(format_confusion(result["confusion"], result["class_names"]))
+        return 0
+
+    return run_main("evaluate.py", job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
