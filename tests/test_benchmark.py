@@ -1,0 +1,88 @@
+"""scripts/benchmark.py, run as a user runs it (a subprocess), on tiny configurations.
+
+No timing is asserted: the CPU is shared and slow. What is checked is that every reported field
+exists and is sane, and that bad flags are one line with exit status 2.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "benchmark.py"
+TINY = ["--arch", "resnet18", "--width", "8", "--batch_size", "8", "--image_size", "32"]
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # One CPU device whatever the caller's XLA_FLAGS, so the table's numbers are for one mesh.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_benchmark_json_fields_are_sane():
+    # Dispatch sizes 1 (the single-step program) and 2 and 3 (the in-jit loop, compiled once
+    # for both: the second must report no compilation of its own). --steps 3 with 2 per dispatch
+    # rounds up to 4 steps in 2 dispatches.
+    out = _run(*TINY, "--steps", "3", "--repeats", "1", "--steps_per_dispatch", "1,2", "3",
+               "--train_examples", "64", "--eval_examples", "16", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["steps_per_dispatch"], r["steps"], r["dispatches"]) for r in results] == [
+        (1, 3, 3), (2, 4, 2), (3, 3, 1)]
+    for r in results:
+        assert (r["arch"], r["batch_size"], r["precision"], r["width"]) == ("resnet18", 8, "fp32",
+                                                                            8)
+        assert r["train_images_per_sec"] > 0 and r["eval_images_per_sec"] > 0
+        assert r["step_time_ms"] > 0 and len(r["train_images_per_sec_repeats"]) == 1
+        assert r["forward_flops_per_image"] > 0 and r["params"] > 0
+        # A train step (forward, backward ~2x, update) costs about three forward passes.
+        assert 2 < r["train_flops_per_image"] / r["forward_flops_per_image"] < 4.5
+        assert r["achieved_tflops"] > 0
+        assert r["platform"] == "cpu" and r["devices"] == 1
+        assert r["peak_bytes"] is None and r["mfu"] is None  # no memory stats or peak on CPU
+        assert r["final_loss"] > 0 and r["first_dispatch_overhead_s"] >= 0
+    assert results[0]["compiled"] and results[0]["compile_s"] > 0
+    assert results[1]["compiled"] and results[1]["compile_s"] > 0
+    assert not results[2]["compiled"]  # the loop takes its step count as a traced value
+    assert results[0]["eval_compile_s"] > 0
+    # The table goes to stderr with --json: a header and one row per combination.
+    rows = [line for line in out.stderr.splitlines() if line.startswith("resnet18 ")]
+    assert len(rows) == 3 and "shared" in rows[2]
+    assert "train_img/s" in out.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--arch", "resnet18,resnet19"], "unknown --arch 'resnet19'; valid: "),
+    (["--batch_size", "128", "0"], "--batch_size 0: must be positive"),
+    (["--precision", "fp16"], "--precision 'fp16': unknown; valid: fp32, bf16"),
+    (["--steps", "many"], "--steps expects int"),
+    (["--end_to_end", "--precision", "fp32,bf16"], "--end_to_end takes one --precision"),
+])
+def test_bad_flags_are_one_line(args, expected):
+    out = _run(*args, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert out.stdout == ""
+
+
+@pytest.mark.slow  # real data: loads and evaluates all 10,000 Fashion-MNIST test images
+def test_end_to_end_tiny_run(fashion_mnist_dir, tmp_path):
+    out = _run("--end_to_end", "--data_dir", str(fashion_mnist_dir), "--workdir",
+               str(tmp_path / "run"), "--epochs", "1", "--train_examples", "64", "--batch_size",
+               "32", "--image_size", "28", "--width", "8", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert result["wall_time_s"] > 0 and len(result["epochs"]) == 1
+    assert result["epochs"][0]["images_per_sec"] > 0
+    assert 0 <= result["final_val_accuracy"] <= 1 and result["reached_target"] is False
+    assert result["config"]["train_examples"] == 64 and result["config"]["width"] == 8
+    # Running again on the same workdir would resume, not time a run: refused.
+    again = _run("--end_to_end", "--workdir", str(tmp_path / "run"), timeout=120)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
