@@ -201,9 +201,18 @@ def load_dataset(name: str = DEFAULT_DATASET, data_dir: str | Path | None = None
         if place.is_dir() and (found := _load_from(spec, place)) is not None:
             return found
     where = ", ".join(str(p) for p in places)
+    if _tensorflow_available():
+        # Online with TensorFlow installed: TFDS's own download into its default data dir.
+        try:
+            _prepare_with_tensorflow(spec, places[0], None)
+            return _read_tfds(spec, places[0], f"downloaded and prepared by TFDS in {places[0]}")
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. no network: fall through to the message
+            where += f"; TFDS download failed: {' '.join(str(e).split())[:200]}"
     raise DataError(
-        f"no {spec.tfds_name} data found in the usual places ({where}); pass a data folder "
-        f"holding {_expected(spec)}"
+        f"no {spec.tfds_name} data found in the usual places ({where}); pass --data_dir with "
+        f"{_expected(spec)}"
     )
 
 
@@ -331,8 +340,9 @@ def _load_manual_dir(spec: DatasetSpec, root: Path, manual: Path) -> Dataset | N
     )
 
 
-def _prepare_with_tensorflow(spec: DatasetSpec, root: Path, manual: Path) -> None:
-    """Runs TFDS's own preparation of the manual dir into `root`, as array_record."""
+def _prepare_with_tensorflow(spec: DatasetSpec, root: Path, manual: Path | None) -> None:
+    """Runs TFDS's own preparation into `root`, as array_record: from the manual dir `manual`,
+    or, with `manual=None`, from TFDS's download."""
     import tensorflow as tf
 
     # TensorFlow takes every GPU (and most of its memory) the first time it runs anything.
@@ -348,8 +358,11 @@ def _prepare_with_tensorflow(spec: DatasetSpec, root: Path, manual: Path) -> Non
 
     import tensorflow_datasets as tfds
 
-    log.info("preparing %s with TFDS from %s", spec.tfds_name, manual)
+    log.info("preparing %s with TFDS from %s", spec.tfds_name, manual or "the internet")
     builder = tfds.builder(spec.tfds_name, data_dir=str(root), file_format="array_record")
+    if manual is None:
+        builder.download_and_prepare()
+        return
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             manual_dir=str(manual),
