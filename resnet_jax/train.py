@@ -384,10 +384,12 @@ def load_config(workdir: str | Path) -> Config:
     return Config(**{k: v for k, v in saved.items() if k in names})
 
 
-def evaluate_checkpoint(workdir: str | Path, checkpoint: str = "latest",
-                        data_dir: str | None = None, mesh: Mesh | None = None) -> dict:
-    """Restores a checkpoint of `workdir` (`latest`, `best` or a step) and evaluates it on the
-    whole test split: `val_loss`, `val_accuracy`, `confusion` [true, predicted], `class_names`."""
+def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str | None = None,
+                  mesh: Mesh | None = None) -> tuple[Config, TrainState, data_lib.Dataset, int]:
+    """Restores a checkpoint of `workdir` (`latest`, `best` or a step number).
+
+    Returns the run's Config, the TrainState, the dataset and the restored step.
+    """
     from resnet_jax.checkpoint import best_step
 
     config = load_config(workdir)
@@ -400,25 +402,36 @@ def evaluate_checkpoint(workdir: str | Path, checkpoint: str = "latest",
     tx = create_optimizer(config, data_lib.steps_per_epoch(num_train, config.batch_size))
     _, abstract = _initializer(config, model, tx, dataset.spec.image_shape[-1], mesh)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints", read_only=True)
-    steps = checkpointer.steps()
-    if not steps:
-        raise UserError(f"no checkpoints in {checkpointer.directory}")
-    if checkpoint == "latest":
-        step = steps[-1]
-    elif checkpoint == "best":
-        step = best_step(checkpointer)
-    elif checkpoint.isdigit() and int(checkpoint) in steps:
-        step = int(checkpoint)
-    else:
-        raise UserError(f"--checkpoint {checkpoint!r} not found; valid: best, latest, "
-                        + ", ".join(map(str, steps)))
-    restored = checkpointer.restore(abstract, step=step)
+    try:
+        steps = checkpointer.steps()
+        if not steps:
+            raise UserError(f"no checkpoints in {checkpointer.directory}")
+        if checkpoint == "latest":
+            step = None
+        elif checkpoint == "best":
+            step = best_step(checkpointer)
+        elif checkpoint.isdigit() and int(checkpoint) in steps:
+            step = int(checkpoint)
+        else:
+            raise UserError(f"--checkpoint {checkpoint!r} not found; valid: best, latest, "
+                            + ", ".join(map(str, steps)))
+        restored = checkpointer.restore(abstract, step=step)
+    finally:
+        checkpointer.close()
     state = TrainState(apply_fn=model.apply, tx=tx, **restored.tree["state"])
+    return config, state, dataset, restored.step
+
+
+def evaluate_checkpoint(workdir: str | Path, checkpoint: str = "latest",
+                        data_dir: str | None = None, mesh: Mesh | None = None) -> dict:
+    """Restores a checkpoint of `workdir` (`latest`, `best` or a step) and evaluates it on the
+    whole test split: `val_loss`, `val_accuracy`, `confusion` [true, predicted], `class_names`."""
+    mesh = mesh if mesh is not None else make_mesh()
+    config, state, dataset, step = restore_state(workdir, checkpoint, data_dir, mesh)
     batch = config.batch_size - config.batch_size % mesh.size or mesh.size
     idx, mask = replicate(data_lib.eval_batches(len(dataset.test_labels), batch), mesh)
     sums = make_eval_loop(mesh, image_size=config.image_size, dtype=compute_dtype(config))(
         state, put_dataset(dataset, mesh), idx, mask)
-    checkpointer.close()
     return {"step": step, **summarize_eval(sums),
             "confusion": np.asarray(sums["confusion"]).round().astype(np.int64),
             "class_names": list(dataset.spec.class_names)}
@@ -512,9 +525,9 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         chunk_loss, n = pending
         loss = float(chunk_loss) / n  # Blocks on this chunk only; the next one is queued.
         if not np.isfinite(loss):
-            bad = int(accum["nonfinite_step"])
+            bad = int(accum["nonfinite_step"])  # steps done before the bad one
             raise DivergedError(
-                f"loss became {loss} at step {bad} (epoch {bad // steps_per_epoch + 1}); "
+                f"loss became {loss} at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); "
                 f"the last good checkpoint is kept in {checkpointer.directory}")
         progress.update(n, n * config.batch_size, loss)
 
@@ -558,7 +571,9 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             if position < steps_per_epoch:
                 record["partial"] = True
             else:
-                accum = empty_accum()
+                # Global (replicated) arrays: a multi-process save or train step rejects the
+                # single-device arrays empty_accum() returns.
+                accum = replicate(empty_accum(), mesh)
             last_epoch = step >= total_steps
             if last_epoch or stop or (epoch + 1) % config.checkpoint_every == 0:
                 save(step, record)

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         from resnet_jax.train import train_and_evaluate
 
         record = train_and_evaluate(config)
-        if record:
+        import jax
+
+        if record and jax.process_index() == 0:
             print(f"done: step {record['step']}, val accuracy {record['val_accuracy']:.4f}, "
                   f"workdir {os.path.abspath(config.workdir)}")
         return 0

@@ -23,3 +23,23 @@ def fashion_mnist_dir() -> Path:
             pytest.fail(f"real Fashion-MNIST not found at {path} (set FASHION_MNIST_DIR)")
         pytest.skip(f"real Fashion-MNIST not found at {path} (set FASHION_MNIST_DIR)")
     return path
+
+
+TRAIN = REPO / "scripts" / "train.py"
+# A tiny configuration on the real data: 8 steps per epoch, seconds per epoch on 2 CPU cores.
+TINY = ["--image_size=16", "--stem=small", "--width=4", "--batch_size=32",
+        "--train_examples=256", "--steps_per_dispatch=1"]
+
+
+@pytest.fixture(scope="session")
+def run_train(fashion_mnist_dir):
+    """Runs scripts/train.py in a subprocess (on the real data) and returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    def run(*args: str, timeout: float = 600, env: dict | None = None):
+        cmd = [sys.executable, str(TRAIN), f"--data_dir={fashion_mnist_dir}", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+    return run

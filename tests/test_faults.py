@@ -1,0 +1,283 @@
+"""Fault tolerance: exact resume after SIGKILL, SIGTERM checkpoints, damaged checkpoints, workdir
+mismatches, divergence, and one-line errors for bad input."""
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY, TRAIN
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = ["--epochs=3"]
+
+
+def restore(workdir):
+    from resnet_jax.train import restore_state
+
+    _, state, _, step = restore_state(workdir)
+    return step, jax.device_get(state.arrays())
+
+
+def history(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(run_train, tmp_path_factory):
+    """An uninterrupted run of the tiny configuration, and how long it took."""
+    workdir = tmp_path_factory.mktemp("reference")
+    start = time.monotonic()
+    out = run_train(f"--workdir={workdir}", *TINY, *EPOCHS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return workdir, time.monotonic() - start
+
+
+def popen_train(fashion_mnist_dir, workdir, *extra):
+    cmd = [sys.executable, str(TRAIN), f"--data_dir={fashion_mnist_dir}",
+           f"--workdir={workdir}", *TINY, *EPOCHS, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_sigkill_at_random_points_then_resume_is_bit_identical(reference, fashion_mnist_dir,
+                                                               tmp_path):
+    ref_dir, ref_seconds = reference
+    workdir = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills, finished = 0, False
+    # Kill points spread over the whole run (start-up, steps, evaluation, checkpoint writes);
+    # each restart resumes from whatever the previous one left.
+    for _ in range(5):
+        proc = popen_train(fashion_mnist_dir, workdir)
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 1.0) * ref_seconds)
+            finished = proc.returncode == 0
+            assert finished, proc.stderr.read()[-2000:]
+            break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            kills += 1
+    if not finished:
+        proc = popen_train(fashion_mnist_dir, workdir)
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-2000:]
+    print(f"{kills} kills, resumed exactly")  # shown with -s; the README quotes these runs
+    assert kills >= 3
+
+    ref_step, ref_state = restore(ref_dir)
+    step, state = restore(workdir)
+    assert step == ref_step == 24
+    leaves, ref_leaves = jax.tree.leaves_with_path(state), jax.tree.leaves_with_path(ref_state)
+    assert [p for p, _ in leaves] == [p for p, _ in ref_leaves]
+    for (path, a), (_, b) in zip(leaves, ref_leaves, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    got, want = history(workdir), history(ref_dir)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [1, 2, 3]
+    for key in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [r[key] for r in got] == [r[key] for r in want], key
+
+
+def test_sigterm_checkpoints_and_resumes(reference, fashion_mnist_dir, tmp_path):
+    ref_dir, _ = reference
+    workdir = tmp_path / "term"
+    proc = popen_train(fashion_mnist_dir, workdir)
+    # Wait until training is under way (the first epoch's line), then ask it to stop.
+    line = ""
+    while "epoch 1 " not in line:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "received SIGTERM" in err
+    assert "checkpointed step" in out and "run the same command to resume" in out
+    saved = int(out.split("checkpointed step ")[1].split()[0])
+    assert 8 <= saved < 24
+
+    proc = popen_train(fashion_mnist_dir, workdir)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"(step {saved})" in out
+    _, ref_state = restore(ref_dir)
+    _, state = restore(workdir)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _checkpoint_files(step_dir):
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, run_train,
+                                                                  tmp_path):
+    ref_dir, _ = reference
+    workdir = tmp_path / "damaged"
+    shutil.copytree(ref_dir, workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-3:] == [8, 16, 24]
+    # Truncate every array file of the newest checkpoint.
+    for f in _checkpoint_files(workdir / "checkpoints" / "24" / "state"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    from resnet_jax.train import restore_state
+
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*24"):
+        _, _, _, step = restore_state(workdir)
+    assert step == 16
+
+    # A half-written save (what a kill during an async write leaves) is not a checkpoint.
+    tmp = workdir / "checkpoints" / "32.orbax-checkpoint-tmp-1234"
+    tmp.mkdir()
+    (tmp / "junk").write_text("partial")
+
+    # None usable: a one-line error, exit 2.
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            for f in _checkpoint_files(step_dir):
+                f.write_bytes(b"garbage")
+    out = run_train(f"--workdir={workdir}", *TINY, "--epochs=4")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("train.py: error: no usable checkpoint")
+
+
+def test_workdir_mismatch_and_overwrite(reference, run_train, tmp_path):
+    ref_dir, _ = reference
+    workdir = tmp_path / "mismatch"
+    shutil.copytree(ref_dir, workdir)
+    out = run_train(f"--workdir={workdir}", *TINY, *EPOCHS, "--arch=resnet34")
+    assert out.returncode == 2
+    assert "holds a different run (arch: 'resnet18' -> 'resnet34')" in out.stderr
+    assert "--overwrite" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    # Checkpoints without config.json: never silently overwritten.
+    (workdir / "config.json").unlink()
+    out = run_train(f"--workdir={workdir}", *TINY, *EPOCHS)
+    assert out.returncode == 2 and "holds checkpoints of an unknown run" in out.stderr
+
+    out = run_train(f"--workdir={workdir}", *TINY, "--epochs=1", "--max_steps=2",
+                    "--overwrite")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming" not in out.stdout
+    assert [r["step"] for r in history(workdir)] == [2]
+
+
+def test_divergence_stops_with_the_step(run_train, tmp_path):
+    workdir = tmp_path / "nan"
+    out = run_train(f"--workdir={workdir}", *TINY, "--epochs=1", "--learning_rate=1e38")
+    assert out.returncode == 3, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: loss became ") and " at step " in last
+    assert "(epoch 1)" in last
+    # Nothing was saved after the loss stopped being finite.
+    assert not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+
+
+def _idx(path, magic, dims, payload):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+    with gzip.open(path, "wb") as f:
+        f.write(header + payload)
+
+
+def _bad_data_dir(tmp_path, problem):
+    folder = tmp_path / problem
+    folder.mkdir()
+    n_train, n_test = 4, 2
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, n * 28 * 28, dtype=np.uint8).tobytes()
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        count = n + 1 if problem == "count" and prefix == "train" else n
+        if problem == "labels" and prefix == "train":
+            labels[0] = 12
+        magic = 1234 if problem == "magic" and prefix == "t10k" else 2051
+        _idx(folder / f"{prefix}-images-idx3-ubyte.gz", magic, (count, 28, 28), images)
+        _idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, (n,), labels.tobytes())
+    if problem == "truncated":
+        f = folder / "train-images-idx3-ubyte.gz"
+        f.write_bytes(f.read_bytes()[:-20])
+    return folder
+
+
+def _train_main(argv, capsys):
+    """scripts/train.py's main in this process: (exit code, stderr lines)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        code = module.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch=resnet19"], "unknown --arch 'resnet19'; valid: plain18"),
+    (["--dataset=imagenet"], "unknown --dataset 'imagenet'; valid: fashion_mnist"),
+    (["--optimizer=lion"], "--optimizer"),
+    (["--schedule=step"], "--schedule"),
+    (["--epochs=0"], "--epochs must be positive, got 0"),
+    (["--batch_size=-8"], "--batch_size must be positive, got -8"),
+    (["--learning_rate=0"], "--learning_rate must be positive, got 0.0"),
+    (["--epochs=two"], "--epochs expects int, got 'two'"),
+    (["--image_size=12", "--stem=imagenet"], "--image_size 12 is too small for resnet18"),
+    (["--data_dir=/nonexistent/fmnist"], "/nonexistent/fmnist does not exist"),
+])
+def test_bad_flags_are_one_line_with_exit_2(args, message, capsys, tmp_path, fashion_mnist_dir):
+    argv = [f"--workdir={tmp_path / 'w'}", f"--data_dir={fashion_mnist_dir}", *args]
+    code, err = _train_main(argv, capsys)
+    assert code == 2
+    assert len(err) == 1, err
+    assert message in err[0]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("magic", "magic"), ("truncated", "truncated"), ("count", "count"),
+    ("labels", "has 10 classes (0..9)"),
+])
+def test_bad_data_is_one_line_with_exit_2(problem, message, capsys, tmp_path):
+    folder = _bad_data_dir(tmp_path, problem)
+    code, err = _train_main([f"--workdir={tmp_path / 'w'}", f"--data_dir={folder}"], capsys)
+    assert code == 2
+    assert len(err) == 1, err
+    assert message in err[0].lower(), err[0]
+
+
+def test_bad_workdirs_are_one_line_with_exit_2(capsys, tmp_path, fashion_mnist_dir):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for workdir, message in ((a_file, "is a file, not a directory"),
+                             (a_file / "sub", "is not writable")):
+        code, err = _train_main([f"--workdir={workdir}", f"--data_dir={fashion_mnist_dir}",
+                                 *TINY], capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], err
+
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "7").mkdir(parents=True)
+    (foreign / "checkpoints" / "7" / "weights.pt").write_text("not ours")
+    code, err = _train_main([f"--workdir={foreign}", f"--data_dir={fashion_mnist_dir}", *TINY],
+                            capsys)
+    assert code == 2 and len(err) == 1 and "checkpoints of an unknown run" in err[0], err
+
+
+def test_batch_not_divisible_by_devices_is_one_line(fashion_mnist_dir, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(TRAIN), f"--data_dir={fashion_mnist_dir}",
+                          f"--workdir={tmp_path}", "--batch_size=12"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("train.py: error: --batch_size 12 is not divisible by the 8 "
+                                  "devices; use a multiple of the device count")

@@ -1,0 +1,57 @@
+"""End to end on the real Fashion-MNIST: scripts/train.py writes its workdir and resumes;
+scripts/evaluate.py restores and reports."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
+    workdir = tmp_path / "run"
+    first = run_train(f"--workdir={workdir}", *TINY, "--epochs=3", "--max_steps=10")
+    assert first.returncode == 0, first.stderr[-2000:]
+    for name in ("config.json", "metrics.jsonl", "curves.png"):
+        assert (workdir / name).is_file(), name
+    assert any((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "10", "8"]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["resolved"]["steps_per_epoch"] == 8
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    keys = {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+            "images_per_sec", "wall_time"}
+    assert all(keys <= r.keys() for r in records)
+    assert [r["step"] for r in records] == [8, 10]
+    assert records[0]["val_count"] == 10_000  # every test image, exactly once
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The same command with a larger budget resumes at the saved step and continues.
+    second = run_train(f"--workdir={workdir}", *TINY, "--epochs=3")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from" in second.stdout and "(step 10)" in second.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # The --max_steps record of the partial epoch is superseded by the full one.
+    assert [r["step"] for r in records] == [8, 16, 24]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+
+    # Run again when finished: nothing to do, nothing duplicated.
+    third = run_train(f"--workdir={workdir}", *TINY, "--epochs=3")
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 3
+
+    evaluate = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), f"--workdir={workdir}",
+         "--checkpoint=best"], capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    best = max(records, key=lambda r: r["val_accuracy"])
+    assert f"checkpoint step {best['step']}: test accuracy {best['val_accuracy']:.4f}" in (
+        evaluate.stdout)
+    assert "Ankle boot" in evaluate.stdout and "on 10000 images" in evaluate.stdout
+    matrix = [line for line in evaluate.stdout.splitlines() if line[:1].isdigit()]
+    assert len(matrix) == 10
+    assert sum(int(v) for line in matrix for v in line.split()[-10:]) == 10_000
