@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,12 +25,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     """train loss, val loss and val accuracy by epoch on one axis, like the chapter's plot."""
-    import matplotlib
+    # The object API, not pyplot: no global state, so this may run on a worker thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     epochs = [r["epoch"] for r in history]
     for key, style in (("train_loss", "-"), ("val_loss", "--"), ("train_accuracy", "-."),
                        ("val_accuracy", ":")):
@@ -42,7 +44,6 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     tmp = path.with_name("." + path.name)
     fig.savefig(tmp, format="png")
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -55,6 +56,9 @@ class MetricsWriter:
         self.title = title
         self.history: list[dict] = []
         self._tb = None
+        # Plotting takes a few hundred ms: off the training thread, one plot at a time.
+        self._plotter = ThreadPoolExecutor(max_workers=1)
+        self._plot = None
 
     def reset(self, history: list[dict]) -> None:
         """Starts from `history` (from the checkpoint being resumed), rewriting metrics.jsonl."""
@@ -77,9 +81,15 @@ class MetricsWriter:
             if key not in ("epoch", "step") and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, record["step"])
         self._tb.flush()
-        plot_curves(self.history, self.workdir / "curves.png", self.title)
+        if self._plot is not None:
+            self._plot.result()  # Surfaces a failed plot; keeps plots in order.
+        self._plot = self._plotter.submit(plot_curves, list(self.history),
+                                          self.workdir / "curves.png", self.title)
 
     def close(self) -> None:
+        self._plotter.shutdown(wait=True)
+        if self._plot is not None:
+            self._plot.result()
         if self._tb is not None:
             self._tb.close()
 
