@@ -30,6 +30,15 @@ IDENTITY_FIELDS = (
 )
 
 
+# Named sets of defaults (`--preset NAME`); flags given explicitly still win.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Reaches >= 0.85 val accuracy on Fashion-MNIST in under 10 minutes on a 2-core CPU
+    # (measured: 0.888 in 7.0 min): 28x28 input, ResNet-18 at half width, 2 epochs.
+    "quick": dict(image_size=28, width=32, epochs=2, optimizer="momentum", learning_rate=0.05,
+                  schedule="cosine"),
+}
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -38,6 +47,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class Config:
     """Everything that defines a training run. Field docs are the `--help` text."""
 
+    preset: str | None = _f(None, "a named set of defaults that explicit flags override: quick "
+                            "(a CPU run to >= 0.85 in minutes: " + ", ".join(
+                                f"--{k}={v}" for k, v in PRESETS["quick"].items()) + ")")
     arch: str = _f("resnet18", "model name from resnet_jax.list_models()")
     dataset: str = _f("fashion_mnist", "TFDS dataset name (fashion_mnist, mnist, kmnist, cifar10)")
     data_dir: str | None = _f(
@@ -171,6 +183,18 @@ def make_parser(prog: str | None = None, description: str | None = None,
             kw.update(type=_typed(hints[base], f.name), metavar=base.upper())
         parser.add_argument(f"--{f.name}", **kw)
     return parser
+
+
+def parse_config(argv: list[str] | None = None, prog: str | None = None,
+                 description: str | None = None) -> Config:
+    """The Config for command-line arguments: defaults, then `--preset`, then explicit flags."""
+    parser = make_parser(prog=prog, description=description)
+    known, _ = parser.parse_known_args(argv)
+    if known.preset is not None:
+        if known.preset not in PRESETS:
+            parser.error(f"unknown --preset {known.preset!r}; valid: {', '.join(PRESETS)}")
+        parser.set_defaults(**PRESETS[known.preset])
+    return from_args(parser.parse_args(argv))
 
 
 def from_args(args: argparse.Namespace) -> Config:

@@ -18,8 +18,7 @@ from resnet_jax.cli import run_main  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     from resnet_jax import config as config_lib
 
-    parser = config_lib.make_parser(prog="train.py", description=__doc__)
-    config = config_lib.from_args(parser.parse_args(argv))
+    config = config_lib.parse_config(argv, prog="train.py", description=__doc__)
 
     def job():
         from resnet_jax import distributed

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Everything measured on a GPU, in one run (a lent GPU's time is short): environment, the
+# chapter's 10-epoch run, the benchmark table, the better recipe, and GPU presets of experiments.
+# Each part writes into $OUT as soon as it finishes, so a run cut short keeps what it measured.
+#
+#   OUT=gpu_out DATA=/path/to/fashion_mnist bash scripts/gpu_session.sh
+#   SMOKE=1 ...   tiny sizes, to check the script itself on a CPU first
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+DATA=${DATA:-gpu_data/fashion_mnist}
+SMOKE=${SMOKE:-0}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+log() { echo "=== $(date +%H:%M:%S) $*" | tee -a "$OUT/session.log"; }
+
+# Packages the GPU image may lack, carried as wheels in .whl/ (pure Python).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -c "import tensorboardX" 2>/dev/null || NEED="$NEED .whl/tensorboardx-*.whl"
+  python3 -c "import orbax.checkpoint.checkpoint_managers.preservation_policy" 2>/dev/null \
+    || NEED="${NEED:-} .whl/orbax_checkpoint-*.whl"
+  if [ -n "${NEED:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $NEED \
+      && export PYTHONPATH=/tmp/site
+  fi
+fi
+log "environment"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  python3 -c "import jax, flax, optax, orbax.checkpoint as o, chex; print('jax', jax.__version__,
+'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
+} | tee "$OUT/environment.txt"
+
+if [ "$SMOKE" = 1 ]; then
+  E2E=(--epochs=1 --max_steps=3 --image_size=32 --width=8 --train_examples=512)
+  BENCH=(--image_size 32 --width 8 --steps 2 --repeats 1 --train_examples 512)
+  B128=(--batch_size 16) B1024=(--batch_size 32)
+  RECIPE=(--epochs=3 --max_steps=3 --image_size=32 --width=8 --train_examples=512)
+  PRESET=tiny
+else
+  E2E=() BENCH=(--image_size 96 --steps 50 --repeats 3) B128=(--batch_size 128)
+  B1024=(--batch_size 1024) RECIPE=(--epochs=30)
+  PRESET=gpu
+fi
+
+# 1. The chapter's run, exactly the default command (issue 3/6: >= 0.906; wall time).
+log "chapter's run: python scripts/train.py --arch=resnet18"
+start=$(date +%s.%N)
+python3 scripts/train.py --arch=resnet18 --data_dir="$DATA" --workdir=/tmp/gpu_default \
+  "${E2E[@]}" 2>&1 | tee "$OUT/default.log"
+python3 -c "print('wall_s', round($(date +%s.%N) - $start, 1))" | tee -a "$OUT/default.log"
+cp /tmp/gpu_default/metrics.jsonl "$OUT/default_metrics.jsonl"
+cp /tmp/gpu_default/curves.png "$OUT/default_curves.png"
+
+# 2. Throughput: one dispatch per step vs 50 steps in one jitted loop, fp32 and bf16.
+log "benchmark b128"
+python3 scripts/benchmark.py --arch resnet18 "${B128[@]}" --precision fp32 bf16 \
+  --steps_per_dispatch 1 50 "${BENCH[@]}" --json > "$OUT/bench_b128.jsonl"
+log "benchmark b1024"
+python3 scripts/benchmark.py --arch resnet18 "${B1024[@]}" --precision bf16 \
+  --steps_per_dispatch 50 "${BENCH[@]}" --json > "$OUT/bench_b1024.jsonl"
+
+# 3. The better recipe (experiment 7): ResNet-18 to >= 0.950.
+log "recipe"
+python3 scripts/train.py --arch=resnet18 --data_dir="$DATA" --workdir=/tmp/gpu_recipe \
+  --augment --optimizer=nesterov --learning_rate=0.1 --schedule=cosine --warmup_epochs=2 \
+  --label_smoothing=0.1 --weight_decay=5e-4 --precision=bf16 "${RECIPE[@]}" \
+  2>&1 | tee "$OUT/recipe.log"
+cp /tmp/gpu_recipe/metrics.jsonl "$OUT/recipe_metrics.jsonl"
+
+# 4. Experiments at GPU scale, as long as time lasts.
+if [ -f scripts/experiment.py ]; then
+  for name in ${EXPERIMENTS:-degradation}; do
+    log "experiment $name"
+    python3 scripts/experiment.py "$name" --preset "$PRESET" --data_dir "$DATA" \
+      --out "$OUT/experiments" --runs_dir /tmp/gpu_experiments 2>&1 | tail -n 30
+  done
+fi
+log "done"
