@@ -7,12 +7,18 @@
 #   SMOKE=1 ...   tiny sizes, to check the script itself on a CPU first
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
+FINAL=${OUT:-gpu_out}
 DATA=${DATA:-gpu_data/fashion_mnist}
 SMOKE=${SMOKE:-0}
+# The device tool returns at most 8 files: results collect in $FINAL/r and are packed into
+# $FINAL/session.tgz after every part (so a run cut short still returns what it finished).
+OUT="$FINAL/r"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-log() { echo "=== $(date +%H:%M:%S) $*" | tee -a "$OUT/session.log"; }
+log() {
+  tar -czf "$FINAL/session.tgz" -C "$OUT" .
+  echo "=== $(date +%H:%M:%S) $*" | tee -a "$OUT/session.log"
+}
 
 # Packages the GPU image may lack, carried as wheels in .whl/ (pure Python).
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -28,7 +34,7 @@ log "environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c "import jax, flax, optax, orbax.checkpoint as o, chex; print('jax', jax.__version__,
 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
-} | tee "$OUT/environment.txt"
+} | tee -a "$OUT/session.log"
 
 if [ "$SMOKE" = 1 ]; then
   E2E=(--epochs=1 --max_steps=3 --image_size=32 --width=8 --train_examples=512)
@@ -76,3 +82,4 @@ if [ -f scripts/experiment.py ]; then
   done
 fi
 log "done"
+tar -czf "$FINAL/session.tgz" -C "$OUT" . && rm -rf "$OUT"
