@@ -39,9 +39,17 @@ VARIANTS = ("d2l", "torchvision")
 STEMS = ("imagenet", "small")
 BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
 
-# He et al.'s init (kaiming_normal_, fan_out, as torchvision): keeps the activations' variance
-# roughly constant through conv + ReLU so deep nets start trainable.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# He et al.'s init (kaiming_normal_, fan_out), which torchvision's ResNets apply explicitly.
+_he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default for Conv2d and Linear, which the chapter's code (LazyConv2d, LazyLinear)
+# keeps: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Biases start at 0
+# here (PyTorch draws them from the same range); every conv bias but the shortcut's feeds a BN,
+# which removes it anyway.
+_torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _conv_init(variant: str) -> nn.initializers.Initializer:
+    return _he_init if variant == "torchvision" else _torch_default_init
 
 
 def _padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -87,7 +95,7 @@ class _Block(nn.Module):
         return nn.Conv(
             features, (kernel, kernel), strides=(strides, strides), padding=_padding(kernel),
             feature_group_count=groups, use_bias=self.variant == "d2l",
-            kernel_init=nn.initializers.zeros if zero else _conv_init,
+            kernel_init=nn.initializers.zeros if zero else _conv_init(self.variant),
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
 
@@ -393,7 +401,7 @@ class ResNet(nn.Module):
         kernel, strides = (7, 2) if self.stem == "imagenet" else (3, 1)
         x = nn.Conv(
             channels[0], (kernel, kernel), strides=(strides, strides), padding=_padding(kernel),
-            use_bias=self.variant == "d2l", kernel_init=_conv_init, dtype=self.dtype,
+            use_bias=self.variant == "d2l", kernel_init=_conv_init(self.variant), dtype=self.dtype,
             param_dtype=self.param_dtype, name="conv1",
         )(x)
         if not block_cls.preact:
@@ -415,7 +423,8 @@ class ResNet(nn.Module):
         # Pool in float32: a bf16 sum over many positions loses precision.
         wide = jnp.promote_types(self.dtype, jnp.float32)  # float32, or float64 under x64
         x = jnp.mean(x.astype(wide), axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
+        x = nn.Dense(self.num_classes, kernel_init=_torch_default_init, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(wide)  # stable losses whatever the compute dtype
 
 
@@ -568,17 +577,24 @@ def param_count(variables_or_params: Any) -> int:
 def model_flops(model: nn.Module, input_shape: Sequence[int] = (1, 224, 224, 3)) -> dict[str, Any]:
     """Forward FLOPs per image and trainable parameters, from XLA's cost analysis.
 
-    Compiles (does not run) an eval-mode forward pass on ``input_shape`` (NHWC) for the default
+    Lowers (does not run) an eval-mode forward pass on ``input_shape`` (NHWC) for the host CPU
+    and counts its HLO: a GPU program hides its convolutions in cuDNN calls that XLA's count
+    leaves out, so the count is taken where every operation is visible, whatever the default
     backend. XLA counts a multiply-add as 2 FLOPs, so this is about twice the "multiply-adds"
     often quoted (e.g. torchvision's 4.09 GFLOPS for ResNet-50 at 224x224 is ~8.0e9 here).
 
     Returns:
         ``{"flops": float per image, "params": int}``.
     """
-    variables = abstract_variables(model, input_shape)
-    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-    forward = jax.jit(functools.partial(model.apply, train=False))
-    cost = forward.lower(variables, x).compile().cost_analysis()
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_cpu),
+                             abstract_variables(model, input_shape))
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32, sharding=on_cpu)
+    lowered = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x)
+    try:
+        cost = lowered.cost_analysis()
+    except NotImplementedError:  # no analysis before compilation on this jax: compile it
+        cost = lowered.compile().cost_analysis()
     # jax returned a list of dicts (one per program) before 0.4.3x and a dict since.
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
