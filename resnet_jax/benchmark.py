@@ -243,21 +243,13 @@ _FORWARD_CACHE: dict[tuple, dict] = {}
 
 
 def forward_flops(case: Case) -> dict[str, Any]:
-    """`models.model_flops` (forward FLOPs per image and parameters) of the case's model.
-
-    Cached per model and input shape, and compiled for the host CPU where there is one: the count
-    does not depend on the backend or the precision, and a GPU compile would only cost time.
-    """
+    """`models.model_flops` (forward FLOPs per image and parameters) of the case's model, cached
+    per model and input shape: the count depends on neither the backend nor the precision."""
     key = (case.arch, case.num_classes, case.width, case.stem, case.image_size, case.channels)
     if key not in _FORWARD_CACHE:
         model = train_lib.build_model(case.config().replace(precision="fp32"), case.num_classes)
         shape = (1, case.image_size, case.image_size, case.channels)
-        cpu = _cpu_device()
-        if cpu is not None:
-            with jax.default_device(cpu):
-                _FORWARD_CACHE[key] = models.model_flops(model, shape)
-        else:
-            _FORWARD_CACHE[key] = models.model_flops(model, shape)
+        _FORWARD_CACHE[key] = models.model_flops(model, shape)
     return _FORWARD_CACHE[key]
 
 

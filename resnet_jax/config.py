@@ -22,9 +22,11 @@ STEMS = ("imagenet", "small")
 
 # Fields that fix the trajectory of a run: resuming a workdir with any of them changed would
 # silently give a different result, so it is an error (``--overwrite`` starts afresh on purpose).
-# Extending ``epochs`` or ``max_steps`` is allowed: it only continues the same trajectory.
+# Extending ``epochs`` or ``max_steps`` is allowed: it only continues the same trajectory (except
+# under the cosine schedule, whose length is ``epochs``: see ``identity``).
 IDENTITY_FIELDS = (
-    "arch", "dataset", "image_size", "stem", "width", "zero_init_residual", "batch_size",
+    "arch", "dataset", "image_size", "stem", "width", "zero_init_residual", "cardinality",
+    "base_width", "batch_size",
     "learning_rate", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
     "label_smoothing", "precision", "augment", "seed", "train_examples",
 )
@@ -37,6 +39,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(image_size=28, width=32, epochs=2, optimizer="momentum", learning_rate=0.05,
                   schedule="cosine"),
 }
+
+
+def identity(config: Config) -> dict[str, Any]:
+    """The fields a resumed run must share with the run that wrote the workdir."""
+    names = IDENTITY_FIELDS + (("epochs",) if config.schedule == "cosine" else ())
+    return {name: getattr(config, name) for name in names}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -80,6 +88,10 @@ class Config:
     width: int = _f(64, "channels of the first stage (later stages double)")
     zero_init_residual: bool = _f(False, "start the last BN scale of every block at 0, so each "
                                   "block starts as the identity")
+    cardinality: int | None = _f(None, "bottleneck nets: groups of the 3x3 conv (ResNeXt's C); "
+                                 "default: the architecture's own")
+    base_width: int | None = _f(None, "bottleneck nets: channels per group at width 64 "
+                                "(ResNeXt's d); default: the architecture's own")
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
     train_examples: int | None = _f(None, "use only the first N training examples (quick runs)")
     max_steps: int | None = _f(None, "stop after this many steps in total, then evaluate and "
@@ -123,7 +135,7 @@ def validate(config: Config) -> Config:
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}")
     if not config.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {config.learning_rate}")
-    for name in ("max_steps", "train_examples", "num_processes"):
+    for name in ("max_steps", "train_examples", "num_processes", "cardinality", "base_width"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import data as data_lib
 from resnet_jax import models
 from resnet_jax.checkpoint import Checkpointer
-from resnet_jax.config import IDENTITY_FIELDS, Config, validate
+from resnet_jax.config import Config, identity, validate
 from resnet_jax.errors import UserError
 from resnet_jax.metrics import MetricsWriter, Progress, format_record
 from resnet_jax.optimizer import create_optimizer
@@ -268,11 +268,13 @@ def compute_dtype(config: Config) -> Any:
 
 def build_model(config: Config, num_classes: int) -> nn.Module:
     """The model a Config names, with its options; a bad option is a UserError."""
+    grouping = {k: getattr(config, k) for k in ("cardinality", "base_width")
+                if getattr(config, k) is not None}
     try:
         return models.create_model(config.arch, num_classes=num_classes,
                                    dtype=compute_dtype(config), stem=config.stem,
                                    width=config.width,
-                                   zero_init_residual=config.zero_init_residual)
+                                   zero_init_residual=config.zero_init_residual, **grouping)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -302,8 +304,8 @@ def _check_workdir(config: Config, is_main: bool) -> Path:
             saved = json.loads(saved_path.read_text())
         except (OSError, ValueError):
             raise UserError(f"{saved_path} is unreadable; use --overwrite to start again") from None
-        diff = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in IDENTITY_FIELDS
-                if saved.get(k) != getattr(config, k)]
+        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in identity(config).items()
+                if saved.get(k) != v]
         if diff:
             raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(diff)}); "
                             "use --overwrite to start again or another --workdir")
@@ -516,7 +518,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
 
     def save(step: int, record: dict | None) -> None:
         meta = {"step": step, "history": writer.history + ([record] if record else []),
-                "config": {k: getattr(config, k) for k in IDENTITY_FIELDS}}
+                "config": identity(config)}
         metrics = ({"val_accuracy": record["val_accuracy"]}
                    if record and not record.get("partial") else None)
         checkpointer.save(step, {"state": state.arrays(), "accum": accum}, meta, metrics)

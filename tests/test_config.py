@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from resnet_jax.config import IDENTITY_FIELDS, PRESETS, Config, parse_config, validate
+from resnet_jax.config import IDENTITY_FIELDS, PRESETS, Config, identity, parse_config, validate
 from resnet_jax.errors import UserError
 
 
@@ -77,3 +77,11 @@ def test_identity_fields_exist():
     names = {f.name for f in dataclasses.fields(Config)}
     assert set(IDENTITY_FIELDS) <= names
     assert "epochs" not in IDENTITY_FIELDS and "max_steps" not in IDENTITY_FIELDS
+
+
+def test_cosine_runs_cannot_be_extended_but_constant_ones_can():
+    # The cosine schedule's length is `epochs`: resuming with more epochs would silently change
+    # the learning rate of steps already planned, so epochs is part of such a run's identity.
+    assert "epochs" in identity(Config(schedule="cosine"))
+    assert "epochs" not in identity(Config())
+    assert identity(Config(cardinality=8))["cardinality"] == 8
