@@ -21,6 +21,7 @@ log() {
 }
 
 # Packages the GPU image may lack, carried as wheels in .whl/ (pure Python).
+NEED=""
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -c "import tensorboardX" 2>/dev/null || NEED="$NEED .whl/tensorboardx-*.whl"
   python3 -c "import orbax.checkpoint.checkpoint_managers.preservation_policy" 2>/dev/null \
@@ -44,37 +45,47 @@ if [ "$SMOKE" = 1 ]; then
   PRESET=tiny
 else
   E2E=() BENCH=(--image_size 96 --steps 50 --repeats 3) B128=(--batch_size 128)
-  B1024=(--batch_size 1024) RECIPE=(--epochs=30)
+  B1024=(--batch_size 1024) RECIPE=(--epochs="${RECIPE_EPOCHS:-40}")
   PRESET=gpu
 fi
 
+PARTS=${PARTS:-default bench recipe experiments}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+
 # 1. The chapter's run, exactly the default command (issue 3/6: >= 0.906; wall time).
-log "chapter's run: python scripts/train.py --arch=resnet18"
-start=$(date +%s.%N)
-python3 scripts/train.py --arch=resnet18 --data_dir="$DATA" --workdir=/tmp/gpu_default \
-  "${E2E[@]}" 2>&1 | tee "$OUT/default.log"
-python3 -c "print('wall_s', round($(date +%s.%N) - $start, 1))" | tee -a "$OUT/default.log"
-cp /tmp/gpu_default/metrics.jsonl "$OUT/default_metrics.jsonl"
-cp /tmp/gpu_default/curves.png "$OUT/default_curves.png"
+for seed in ${SEEDS:-0}; do
+  part default || break
+  log "chapter's run: python scripts/train.py --arch=resnet18 --seed=$seed"
+  start=$(date +%s.%N)
+  python3 scripts/train.py --arch=resnet18 --data_dir="$DATA" --workdir=/tmp/gpu_default$seed \
+    --seed="$seed" "${E2E[@]}" 2>&1 | tee "$OUT/default$seed.log"
+  python3 -c "print('wall_s', round($(date +%s.%N) - $start, 1))" | tee -a "$OUT/default$seed.log"
+  cp /tmp/gpu_default$seed/metrics.jsonl "$OUT/default${seed}_metrics.jsonl"
+  cp /tmp/gpu_default$seed/curves.png "$OUT/default${seed}_curves.png"
+done
 
 # 2. Throughput: one dispatch per step vs 50 steps in one jitted loop, fp32 and bf16.
+if part bench; then
 log "benchmark b128"
 python3 scripts/benchmark.py --arch resnet18 "${B128[@]}" --precision fp32 bf16 \
   --steps_per_dispatch 1 50 "${BENCH[@]}" --json > "$OUT/bench_b128.jsonl"
 log "benchmark b1024"
 python3 scripts/benchmark.py --arch resnet18 "${B1024[@]}" --precision bf16 \
   --steps_per_dispatch 50 "${BENCH[@]}" --json > "$OUT/bench_b1024.jsonl"
+fi
 
 # 3. The better recipe (experiment 7): ResNet-18 to >= 0.950.
+if part recipe; then
 log "recipe"
 python3 scripts/train.py --arch=resnet18 --data_dir="$DATA" --workdir=/tmp/gpu_recipe \
   --augment --optimizer=nesterov --learning_rate=0.1 --schedule=cosine --warmup_epochs=2 \
   --label_smoothing=0.1 --weight_decay=5e-4 --precision=bf16 "${RECIPE[@]}" \
   2>&1 | tee "$OUT/recipe.log"
 cp /tmp/gpu_recipe/metrics.jsonl "$OUT/recipe_metrics.jsonl"
+fi
 
 # 4. Experiments at GPU scale, as long as time lasts.
-if [ -f scripts/experiment.py ]; then
+if part experiments && [ -f scripts/experiment.py ]; then
   for name in ${EXPERIMENTS:-degradation}; do
     log "experiment $name"
     python3 scripts/experiment.py "$name" --preset "$PRESET" --data_dir "$DATA" \
