@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Run a named experiment (the chapter's questions) and write its table and plots.
+
+    python scripts/experiment.py --list
+    python scripts/experiment.py degradation --preset cpu --dry_run
+    python scripts/experiment.py degradation --preset gpu --seeds 3
+
+Each row and seed trains in its own workdir, RUNS_DIR/NAME/PRESET/ROW-seedK; running the same
+command again skips the finished runs and resumes an interrupted one. The report goes to
+OUT/NAME/PRESET/: table.md, results.csv, results.json and PNG plots. NAME `all` runs every
+experiment in turn. The report covers seeds 0 .. N-1 (--seeds) of every row whose run is finished.
+
+Unknown names, presets or rows are one line on stderr with exit status 2, and so are experiments
+whose rows set options Config lacks (`all` skips them and runs the others). A run whose loss
+diverged is reported, the others go on, and the exit status is 3. SIGTERM/SIGINT checkpoint the
+current run and exit 0, as train.py; the same command resumes.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from resnet_jax.cli import EXIT_DIVERGED, EXIT_USER_ERROR, run_main  # noqa: E402
+
+
+def make_parser():
+    from resnet_jax.config import _OneLineParser
+
+    parser = _OneLineParser(prog="experiment.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", help="the experiment (see --list), or all")
+    parser.add_argument("--preset", default="cpu", help="tiny (CI smoke), cpu or gpu")
+    parser.add_argument("--seeds", type=int, default=1, help="run seeds 0 .. N-1 of every row")
+    parser.add_argument("--rows", default="", help="comma-separated rows to train (default: all);"
+                        " the report covers every finished row")
+    parser.add_argument("--data_dir", default=None, help="as train.py's --data_dir")
+    parser.add_argument("--out", default="docs/experiments", help="where the reports go")
+    parser.add_argument("--runs_dir", default="runs/experiments", help="where the workdirs go")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="check every configuration and print it; train nothing")
+    parser.add_argument("--list", action="store_true", help="list the experiments and rows")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+
+    def job() -> int:
+        from resnet_jax import experiments as ex
+        from resnet_jax.errors import UserError
+
+        preset = ex.check_preset(args.preset)
+        if args.list:
+            chosen = ex.EXPERIMENTS if args.name in (None, "all") else [
+                ex.get_experiment(args.name)]
+            print("\n\n".join(ex.describe(e, preset) for e in chosen))
+            return 0
+        if not args.name:
+            raise UserError("name an experiment (see --list) or all")
+        chosen = ex.EXPERIMENTS if args.name == "all" else [ex.get_experiment(args.name)]
+        rows = [r for r in args.rows.split(",") if r]
+        if rows and len(chosen) > 1:
+            raise UserError("--rows needs one experiment, not all")
+        status = 0
+        for experiment in chosen:
+            runs = ex.plan(experiment, preset, args.seeds, args.runs_dir, args.data_dir, rows)
+            if args.dry_run:
+                print(f"{experiment.name} ({preset}, {len(runs)} runs):")
+                if not ex.dry_run(runs):
+                    status = EXIT_USER_ERROR
+                continue
+            blocked = sorted({k for r in runs for k in r.blocked_by})
+            if blocked and len(chosen) > 1:  # `all`: report it, go on with the others
+                print(f"{experiment.name}: skipped, needs Config field(s) {', '.join(blocked)}",
+                      flush=True)
+                status = EXIT_USER_ERROR
+                continue
+            outcomes = ex.run_experiment(experiment, preset, args.seeds, args.runs_dir,
+                                         args.out, args.data_dir, rows)
+            if outcomes.get("stopped"):
+                return 0  # As train.py: checkpointed on SIGTERM/SIGINT; rerun to resume.
+            if outcomes.get("diverged"):
+                status = EXIT_DIVERGED
+        if status == EXIT_USER_ERROR:
+            print("experiment.py: error: some runs are blocked: Config lacks fields they set "
+                  "(see above)", file=sys.stderr)
+        return status
+
+    return run_main("experiment.py", job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

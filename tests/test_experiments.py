@@ -1,0 +1,183 @@
+"""scripts/experiment.py and resnet_jax.experiments: every configuration of every experiment and
+preset validates, FLOPs-matched rows are matched, the report and plots are written from workdirs,
+and one real tiny experiment trains end to end, then is skipped (not retrained) when run again."""
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from resnet_jax import experiments as ex
+from resnet_jax.config import Config
+from resnet_jax.errors import UserError
+
+SCRIPT = REPO / "scripts" / "experiment.py"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.parametrize("preset", list(ex.PRESETS))
+def test_every_configuration_validates(preset, tmp_path):
+    for experiment in ex.EXPERIMENTS:
+        runs = ex.plan(experiment, preset, 2, tmp_path)
+        assert len(runs) == 2 * len(experiment.rows)
+        assert len({r.workdir for r in runs}) == len(runs)
+        for run in runs:
+            ex.check_model(run.settings)  # builds, and the input size suits it
+            if run.blocked_by:  # Only ResNeXt's options may be missing from Config.
+                assert experiment.name == "cardinality"
+                assert set(run.blocked_by) <= set(ex.MODEL_ONLY)
+                continue
+            config = run.config()  # validates
+            assert (config.seed, config.workdir) == (run.seed, str(run.workdir))
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_flops_matched_rows_are_matched(preset):
+    checked = 0
+    for experiment in ex.EXPERIMENTS:
+        if experiment.flops_matched:
+            spread = ex.flops_spread(ex.plan(experiment, preset, 1, "runs"))
+            assert spread is not None and spread <= experiment.flops_tolerance, experiment.name
+            checked += 1
+    assert checked == 2  # bottleneck, cardinality
+
+
+def test_cli_list_and_one_line_errors():
+    listed = run_script("--list", "--preset=gpu")
+    assert listed.returncode == 0, listed.stderr
+    for experiment in ex.EXPERIMENTS:
+        assert f"{experiment.name}: " in listed.stdout
+    assert "image_size=96" in listed.stdout
+    for args, message in ((["nope"], "unknown experiment 'nope'"),
+                          (["depth", "--preset=huge"], "unknown --preset 'huge'"),
+                          (["depth", "--rows=resnet19"], "unknown row(s) resnet19"),
+                          (["depth", "--seeds=0"], "--seeds must be positive")):
+        result = run_script(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_cli_dry_run_trains_nothing(tmp_path):
+    result = run_script("bottleneck", "--preset=tiny", "--dry_run", "--seeds=2",
+                        f"--runs_dir={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(" new ") == 6
+    assert "FLOPs-matched rows (resnet34, resnet50-narrow)" in result.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_index_links_every_experiment_and_plot():
+    index = (REPO / "docs" / "experiments.md").read_text()
+    for experiment in ex.EXPERIMENTS:
+        assert f"— `{experiment.name}`" in index
+        assert f"experiments/{experiment.name}/gpu/table.md" in index
+        for plot in experiment.plots:
+            assert f"experiments/{experiment.name}/gpu/{plot.file}" in index
+    assert index.count("Reading: not yet run.") == len(ex.EXPERIMENTS)
+
+
+def _fake_workdir(run: ex.Run, seed_offset: float) -> None:
+    """A finished run's config.json and metrics.jsonl, as train_and_evaluate writes them."""
+    settings = {k: v for k, v in run.settings.items() if k in ex.CONFIG_FIELDS}
+    saved = {**dataclasses.asdict(Config(**settings)),
+             **{k: run.settings[k] for k in ex.MODEL_ONLY if k in run.settings},
+             "resolved": {"steps_per_epoch": 8, "platform": "cpu", "device_kind": "cpu",
+                          "devices": 1}}
+    epochs = run.settings["epochs"]
+    records = [{"epoch": e, "step": 8 * e, "train_loss": 2.0 / e + seed_offset,
+                "train_accuracy": 0.5 + 0.05 * e, "val_loss": 2.2 / e,
+                "val_accuracy": 0.45 + 0.04 * e + seed_offset, "images_per_sec": 100.0 * e,
+                "wall_time": 3.0 * e} for e in range(1, epochs + 1)]
+    run.workdir.mkdir(parents=True)
+    (run.workdir / "config.json").write_text(json.dumps(saved))
+    (run.workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_of_every_experiment_from_workdirs(tmp_path, monkeypatch):
+    # No training and no compilation: finished workdirs are faked and FLOPs stubbed, so that
+    # every table and every kind of plot is drawn, with two seeds (mean ± std).
+    monkeypatch.setattr(ex, "model_cost", lambda s: {"flops": 1e6 * s.get("width", 64),
+                                                     "params": 1000 * s.get("width", 64)})
+    for experiment in ex.EXPERIMENTS:
+        runs = ex.plan(experiment, "tiny", 2, tmp_path / "runs")
+        for run in runs:
+            if run.row.name != experiment.rows[-1].name:  # the last row stays "not run"
+                _fake_workdir(run, 0.01 * run.seed)
+        folder = ex.write_report(experiment, "tiny", 2, tmp_path / "runs", tmp_path / "out")
+        results = json.loads((folder / "results.json").read_text())
+        assert [r["row"] for r in results["rows"]] == [r.name for r in experiment.rows[:-1]]
+        assert results["not_run"] == [experiment.rows[-1].name]
+        first = results["rows"][0]
+        assert first["n_seeds"] == 2 and first["val_accuracy"]["std"] > 0
+        epochs = runs[0].settings["epochs"]
+        # Median img/s over the epochs after the first; the last epoch's accuracies.
+        assert first["images_per_sec"]["mean"] == statistics.median(
+            100.0 * e for e in range(2, epochs + 1))
+        assert first["val_accuracy"]["mean"] == pytest.approx(0.45 + 0.04 * epochs + 0.005)
+        table = (folder / "table.md").read_text()
+        assert f"| {experiment.rows[-1].name} | not run |" in table and " ± " in table
+        assert len((folder / "results.csv").read_text().splitlines()) == len(experiment.rows)
+        for plot in experiment.plots:
+            assert (folder / plot.file).read_bytes()[:8] == PNG, (experiment.name, plot.file)
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end_then_skipped(fashion_mnist_dir, tmp_path):
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    args = ["degradation", "--preset=tiny", "--rows=plain18,resnet18",
+            f"--data_dir={fashion_mnist_dir}", f"--runs_dir={runs_dir}", f"--out={out}"]
+    first = run_script(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for row in ("plain18", "resnet18"):
+        assert f"train {row}-seed0 in {runs_dir}/degradation/tiny/{row}-seed0" in first.stdout
+    assert "degradation: trained 2, skipped 0" in first.stdout
+
+    folder = out / "degradation" / "tiny"
+    results = json.loads((folder / "results.json").read_text())
+    assert [r["row"] for r in results["rows"]] == ["plain18", "resnet18"]
+    assert results["not_run"] == ["plain34", "resnet34"]
+    for row in results["rows"]:
+        records = [json.loads(line) for line in (
+            runs_dir / "degradation" / "tiny" / f"{row['row']}-seed0" / "metrics.jsonl"
+        ).read_text().splitlines()]
+        assert [r["step"] for r in records] == [8, 16]  # 256 examples, batch 32, 2 epochs
+        assert row["val_accuracy"]["mean"] == records[-1]["val_accuracy"]
+        assert row["images_per_sec"]["mean"] == records[1]["images_per_sec"]
+        assert row["wall_time"]["mean"] == records[-1]["wall_time"]
+        assert row["params"] > 0 and row["flops"] > 0 and row["hardware"] == "cpu (cpu)"
+    assert "| plain18 | arch=plain18 |" in (folder / "table.md").read_text()
+    assert len((folder / "results.csv").read_text().splitlines()) == 3
+    assert (folder / "train_loss.png").read_bytes()[:8] == PNG
+
+    # Again: both runs are found finished in their workdirs, and nothing in them changes.
+    before = {p: p.stat().st_mtime_ns for p in runs_dir.rglob("*")}
+    second = run_script(*args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "skip plain18-seed0: finished at step 16" in second.stdout
+    assert "skip resnet18-seed0: finished at step 16" in second.stdout
+    assert "degradation: trained 0, skipped 2" in second.stdout
+    assert "train " not in second.stdout and "epoch 1 step" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in runs_dir.rglob("*")} == before
+
+    # More epochs for the same runs: no longer finished, so a run would resume them.
+    longer = dataclasses.replace(ex.get_experiment("degradation"),
+                                 per_preset={"tiny": {"epochs": 3}})
+    for run in ex.plan(longer, "tiny", 1, runs_dir, rows=["plain18", "resnet18"]):
+        assert ex.finished_record(run) is None
+    # Another recipe in the same workdirs: refused before anything is trained.
+    other = dataclasses.replace(ex.get_experiment("degradation"),
+                                recipe={"learning_rate": 0.02})
+    run = ex.plan(other, "tiny", 1, runs_dir, rows=["plain18"])[0]
+    assert ex.finished_record(run) is None
+    with pytest.raises(UserError, match=r"holds a different run \(learning_rate: 0.01 -> 0.02"):
+        ex.train_run(run)
