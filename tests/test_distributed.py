@@ -131,7 +131,9 @@ def train_one_process(workdir: Path, data_dir: Path, logs: Path, name: str, devi
 
 def without_gloo(text: str) -> list[str]:
     """Output lines other than the gloo library's own connection messages."""
-    return [line for line in text.splitlines() if line.strip() and "[Gloo]" not in line]
+    # gloo's threads print concurrently, so its lines can arrive split and interleaved.
+    return [line for line in text.splitlines()
+            if line.strip() and "[Gloo]" not in line and "peer ranks" not in line]
 
 
 def restore_variables(workdir: Path, checkpoint: str = "latest"

