@@ -592,7 +592,8 @@ def run_summary(run: Run, records: list[dict]) -> dict[str, Any]:
     hardware = f"{resolved.get('device_kind', '?')} ({resolved.get('platform', '?')})"
     if resolved.get("devices", 1) > 1:
         hardware += f" x{resolved['devices']}"
-    return {"seed": run.seed, "workdir": str(run.workdir), "step": last["step"],
+    # The folder's name only (under --runs_dir/NAME/PRESET): reports carry no machine's paths.
+    return {"seed": run.seed, "workdir": run.workdir.name, "step": last["step"],
             "epochs": last["epoch"], "train_accuracy": last["train_accuracy"],
             "val_accuracy": last["val_accuracy"], "train_loss": last["train_loss"],
             "val_loss": last["val_loss"],
