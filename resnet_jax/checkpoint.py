@@ -8,7 +8,6 @@ checkpoint written on 2 processes x 2 devices restores on 1 device and back) and
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from resnet_jax.errors import UserError
 
 FORMAT = "resnet_jax/1"
-log = logging.getLogger(__name__)
 
 
 @dataclass

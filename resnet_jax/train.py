@@ -69,9 +69,6 @@ class TrainState(struct.PyTreeNode):
         return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
                 "opt_state": self.opt_state}
 
-    def with_arrays(self, tree: dict) -> TrainState:
-        return self.replace(**tree)
-
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...]) -> TrainState:
