@@ -24,8 +24,9 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert config["arch"] == "resnet18" and config["resolved"]["steps_per_epoch"] == 8
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     keys = {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-            "images_per_sec", "wall_time"}
+            "images_per_sec", "train_time", "eval_time", "wall_time"}
     assert all(keys <= r.keys() for r in records)
+    assert all(r["train_time"] + r["eval_time"] < r["wall_time"] for r in records)
     assert [r["step"] for r in records] == [8, 10]
     assert records[0]["val_count"] == 10_000  # every test image, exactly once
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -55,3 +56,22 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     matrix = [line for line in evaluate.stdout.splitlines() if line[:1].isdigit()]
     assert len(matrix) == 10
     assert sum(int(v) for line in matrix for v in line.split()[-10:]) == 10_000
+
+
+def test_compilation_cache_serves_a_second_run(run_train, tmp_path):
+    # A second run of the same programs (another workdir) reads them from the cache and
+    # trains to the same bits; `off` keeps the cache out.
+    cache = tmp_path / "xla"
+    env = {"JAX_LOG_COMPILES": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    runs = [run_train(f"--workdir={tmp_path / name}", *TINY, "--max_steps=2",
+                      f"--compilation_cache={where}", env=env)
+            for name, where in (("a", cache), ("b", cache), ("c", "off"))]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert any(cache.iterdir())
+    hit = "Persistent compilation cache hit for 'jit_single'"
+    assert hit not in runs[0].stderr and hit in runs[1].stderr
+    assert "Persistent compilation cache" not in runs[2].stderr
+    metrics = [(tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1] for name in "abc"]
+    loads = [{k: v for k, v in json.loads(m).items() if "time" not in k and "per_sec" not in k}
+             for m in metrics]
+    assert loads[0] == loads[1] == loads[2]
