@@ -41,15 +41,22 @@ BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
 
 # He et al.'s init (kaiming_normal_, fan_out), which torchvision's ResNets apply explicitly.
 _he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# PyTorch's default for Conv2d and Linear, which the chapter's code (LazyConv2d, LazyLinear)
-# keeps: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Biases start at 0
-# here (PyTorch draws them from the same range); every conv bias but the shortcut's feeds a BN,
-# which removes it anyway.
-_torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# The chapter's: its training code calls `model.apply_init(..., d2l.init_cnn)`, which sets every
+# Conv2d and Linear weight with xavier_uniform_, U(+-sqrt(6 / (fan_in + fan_out))). Biases
+# start at 0 here (PyTorch leaves them at U(+-1/sqrt(fan_in))); every conv bias but the
+# shortcut's feeds a BN, which removes it anyway.
+_xavier_init = nn.initializers.xavier_uniform()
+# PyTorch's default for Linear, kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)): torchvision's
+# ResNets leave their fc layer at it.
+_torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def _conv_init(variant: str) -> nn.initializers.Initializer:
-    return _he_init if variant == "torchvision" else _torch_default_init
+    return _he_init if variant == "torchvision" else _xavier_init
+
+
+def _fc_init(variant: str) -> nn.initializers.Initializer:
+    return _torch_linear_init if variant == "torchvision" else _xavier_init
 
 
 def _padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -423,7 +430,7 @@ class ResNet(nn.Module):
         # Pool in float32: a bf16 sum over many positions loses precision.
         wide = jnp.promote_types(self.dtype, jnp.float32)  # float32, or float64 under x64
         x = jnp.mean(x.astype(wide), axis=(1, 2))
-        x = nn.Dense(self.num_classes, kernel_init=_torch_default_init, dtype=self.dtype,
+        x = nn.Dense(self.num_classes, kernel_init=_fc_init(self.variant), dtype=self.dtype,
                      param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(wide)  # stable losses whatever the compute dtype
 

@@ -333,6 +333,45 @@ def test_zero_init_residual_reaches_every_block_of_a_model():
         np.testing.assert_array_equal(params[name]["bn1"]["scale"], 1.0)
 
 
+def _kernels(params):
+    return [(jax.tree_util.keystr(path), np.asarray(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if path[-1].key == "kernel"]
+
+
+def _fans(kernel):
+    receptive = int(np.prod(kernel.shape[:-2]))  # conv (kh, kw, in, out); dense (in, out)
+    return kernel.shape[-2] * receptive, kernel.shape[-1] * receptive
+
+
+def test_d2l_init_is_the_chapters_xavier_uniform():
+    # The chapter's training code applies d2l.init_cnn: xavier_uniform_ on every conv and linear.
+    kernels = _kernels(_initialized()["params"])
+    assert len(kernels) == 1 + 8 * 2 + 3 + 1  # stem, 2 per block, 3 projections, fc
+    for name, w in kernels:
+        fan_in, fan_out = _fans(w)
+        bound = np.sqrt(6 / (fan_in + fan_out))
+        assert np.abs(w).max() <= bound, name
+        if w.size >= 500:
+            assert np.abs(w).max() > 0.9 * bound, name
+        if w.size >= 5000:
+            np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.05, err_msg=name)
+
+
+def test_torchvision_init_is_he_normal_fan_out_and_a_default_linear():
+    model = models.create_model("resnet18", width=8, stem="small", variant="torchvision")
+    with jax.threefry_partitionable(False):  # compiles ~3x faster on CPU; same distribution
+        params = jax.jit(functools.partial(model.init, train=False))(
+            jax.random.key(1), jnp.ones((1, 8, 8, 3)))["params"]
+    for name, w in _kernels(params):
+        fan_in, fan_out = _fans(w)
+        if name == "['fc']['kernel']":  # torchvision leaves fc at PyTorch's default
+            assert np.abs(w).max() <= 1 / np.sqrt(fan_in)
+        elif w.size >= 5000:
+            np.testing.assert_allclose(w.std(), np.sqrt(2 / fan_out), rtol=0.05, err_msg=name)
+            assert abs(w.mean()) < 0.1 * w.std(), name
+
+
 # ---------------------------------------------------------------------------------------------
 # Grouped convolution = separate narrow convolutions, concatenated (ResNeXt)
 # ---------------------------------------------------------------------------------------------
