@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _fashion_mnist_dir() -> Path:
     # CI points FASHION_MNIST_DIR at the shared copy; locally it lies beside the checkout.
     env = os.environ.get("FASHION_MNIST_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "data" / "fashion_mnist"
+    # Absolute: tests symlink to it from elsewhere.
+    return Path(env).resolve() if env else REPO.parent / "shared" / "data" / "fashion_mnist"
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"
 WORKER = REPO / "tests" / "distributed_worker.py"
 # 2 steps per epoch, 2 epochs: two evaluations of the whole test set and two checkpoints.
+# Seed 1: from seed 0's initial weights this 4-channel net amplifies rounding ~1000x in its 4th
+# step (measured 1.4e-5 after 3 steps, 1.4e-2 after 4, the same on 2x2 and 1x4 whichever way
+# the weights are drawn and replicated), which says nothing about the two layouts; seeds 1 and
+# 2 measured 2.4e-5 after 4 steps.
 TINY = ["--arch=resnet18", "--width=4", "--stem=small", "--image_size=16", "--batch_size=32",
-        "--train_examples=64", "--steps_per_dispatch=1"]
+        "--train_examples=64", "--steps_per_dispatch=1", "--seed=1"]
 STEPS = 4
 # float32 params after 4 SGD steps on 4 devices: the two runs see the same global batches, split
 # the same way over the devices; only the order in which the all-reduces add the 4 partial
