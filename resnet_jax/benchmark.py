@@ -123,6 +123,8 @@ class Case:
     channels: int = 1
     width: int = 64
     stem: str = "imagenet"
+    cardinality: int | None = None  # None: the arch's own (Config.cardinality)
+    base_width: int | None = None
     source_size: int = 28
     train_examples: int = 60_000
     eval_examples: int = 10_000
@@ -132,13 +134,15 @@ class Case:
         """The trainer's Config for this case (the chapter's optimizer: plain SGD, lr 0.01)."""
         return Config(arch=self.arch, batch_size=self.batch_size, precision=self.precision,
                       image_size=self.image_size, width=self.width, stem=self.stem,
+                      cardinality=self.cardinality, base_width=self.base_width,
                       steps_per_dispatch=self.steps_per_dispatch, seed=self.seed)
 
     @property
     def group(self) -> tuple:
         """Cases that share a compiled program (they differ only in steps per dispatch)."""
         return (self.arch, self.batch_size, self.precision, self.image_size, self.num_classes,
-                self.channels, self.width, self.stem, self.source_size, self.seed)
+                self.channels, self.width, self.stem, self.cardinality, self.base_width,
+                self.source_size, self.seed)
 
 
 def check_case(case: Case, mesh: Mesh) -> None:

@@ -124,12 +124,19 @@ def make_parser() -> argparse.ArgumentParser:
                             "Fashion-MNIST's 28; default 28"),
             ("width", "channels of the first stage (Config.width); default 64, small values "
                       "make quick smoke tests"),
+            ("cardinality", "bottleneck nets: groups of the 3x3 conv (ResNeXt's C; "
+                            "Config.cardinality); default: the arch's own"),
+            ("base_width", "bottleneck nets: channels per group at width 64 (ResNeXt's d; "
+                           "Config.base_width); default: the arch's own"),
             ("train_examples", "synthetic training-set size; default 1024 (CPU), 60000. "
                                "--end_to_end: use only the first N real examples"),
             ("eval_examples", "synthetic test-set size for eval images/s; default 256 (CPU), "
                               "10000"),
             ("epochs", "--end_to_end: epochs; default 10")):
         parser.add_argument(f"--{name}", type=_one(name), default=None, help=text)
+    parser.add_argument("--stem", choices=("imagenet", "small"), default="imagenet",
+                        help="imagenet: the chapter's 7x7/2 conv + max-pool; small: 3x3/1, no "
+                             "pool (Config.stem)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per combination on stdout; the table then "
                              "goes to stderr")
@@ -168,7 +175,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     d = _defaults(args, accelerator)
     common = {"image_size": d["image_size"], "steps": d["steps"], "repeats": d["repeats"],
               "num_classes": args.num_classes or 10, "channels": args.channels or 1,
-              "width": args.width or 64, "source_size": args.source_size or 28,
+              "width": args.width or 64, "stem": args.stem, "cardinality": args.cardinality,
+              "base_width": args.base_width, "source_size": args.source_size or 28,
               "train_examples": d["train_examples"], "eval_examples": d["eval_examples"]}
     # Cases differing only in steps per dispatch are adjacent: they share one state and one
     # jitted loop (the in-jit loop takes its step count as a traced value: one compilation).
@@ -182,8 +190,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
     print(f"# {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}; image {d['image_size']}x{d['image_size']}x{common['channels']}"
-          f", {common['num_classes']} classes, width {common['width']}, {d['steps']} steps x "
-          f"{d['repeats']} repeats", file=table, flush=True)
+          f", {common['num_classes']} classes, width {common['width']}, {args.stem} stem"
+          + (f", cardinality {args.cardinality}" if args.cardinality else "")
+          + (f", base width {args.base_width}" if args.base_width else "")
+          + f"; {d['steps']} steps x {d['repeats']} repeats", file=table, flush=True)
     print(benchmark.table_header(), file=table, flush=True)
     for result in benchmark.run_cases(cases, mesh):
         # Rows are printed as they finish, so a run cut short still leaves its results.
@@ -206,9 +216,10 @@ def run_end_to_end(args: argparse.Namespace) -> int:
             raise UserError(f"--end_to_end takes one --{name}, got {len(values)}")
         if values is not None:
             single[name] = values[0]
-    for name in ("image_size", "epochs", "width", "train_examples"):
+    for name in ("image_size", "epochs", "width", "train_examples", "cardinality", "base_width"):
         if getattr(args, name) is not None:
             single[name] = getattr(args, name)
+    single["stem"] = args.stem
     for name in ("steps", "repeats", "num_classes", "channels", "source_size", "eval_examples"):
         if getattr(args, name) is not None:
             raise UserError(f"--{name} applies to the synthetic benchmark, not --end_to_end")

@@ -86,3 +86,30 @@ def test_end_to_end_tiny_run(fashion_mnist_dir, tmp_path):
     # Running again on the same workdir would resume, not time a run: refused.
     again = _run("--end_to_end", "--workdir", str(tmp_path / "run"), timeout=120)
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_model_options_reach_the_benchmarked_model():
+    # ResNeXt's cardinality and width per group, and the stem, as the cardinality experiment
+    # needs them: the reported parameter count is the grouped model's, not resnet50's own.
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from resnet_jax import models
+
+    out = _run("--arch", "resnet50", "--width", "16", "--stem", "small", "--cardinality", "2",
+               "--base_width", "40", "--batch_size", "8", "--image_size", "8", "--steps", "1",
+               "--repeats", "1", "--train_examples", "16", "--eval_examples", "8", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert (result["stem"], result["cardinality"], result["base_width"]) == ("small", 2, 40)
+    assert "small stem, cardinality 2, base width 40" in out.stderr
+
+    def params(**options):
+        model = models.create_model("resnet50", num_classes=10, width=16, stem="small", **options)
+        shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                                jnp.zeros((1, 8, 8, 1)))
+        return models.param_count(shapes["params"])
+
+    assert result["params"] == params(cardinality=2, base_width=40) != params()
