@@ -174,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Train steps: torch SGD(lr=0.01) on cross-entropy vs resnet_jax's train_step.
     config = Config()
+    tx = create_optimizer(config, 1)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"],
-                       opt_state=create_optimizer(config, 1).init(variables["params"]),
-                       apply_fn=model.apply, tx=create_optimizer(config, 1))
+                       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                       apply_fn=model.apply, tx=tx)
     step = jax.jit(train_step)
     # In float32 the two drift apart by rounding alone; torch's own float64 twin of the same
     # network shows how far rounding takes torch itself.
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         losses = []
         for m, optimizer in zip(nets, optimizers, strict=True):
             m.train()
-            inputs = torch.from_numpy(x.copy()).permute(0, 3, 1, 2).to(m[-1][2].weight.dtype)
+            inputs = torch.from_numpy(x.copy()).permute(0, 3, 1, 2).to(next(m.parameters()).dtype)
             loss = nn.functional.cross_entropy(m(inputs), torch.from_numpy(y.astype(np.int64)))
             optimizer.zero_grad()
             loss.backward()
