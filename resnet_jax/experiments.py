@@ -14,9 +14,7 @@ resumes from its last checkpoint. :func:`write_report` then reads those workdirs
 
 A run's settings are merged in this order, later entries winning: Config's defaults (the chapter's
 run), the preset, the experiment's recipe, the experiment's per-preset settings, the row's
-settings, the row's per-preset settings. Every setting is a Config field, except the model options
-in ``MODEL_ONLY`` (ResNeXt's cardinality and bottleneck width), which Config does not have yet:
-rows that need them are checked (FLOPs, parameters) but cannot be trained until it does.
+settings, the row's per-preset settings. Every setting is a Config field.
 """
 
 from __future__ import annotations
@@ -36,11 +34,6 @@ from resnet_jax.config import IDENTITY_FIELDS, Config, validate
 from resnet_jax.errors import UserError
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
-# Model options the experiments set that are not (yet) Config fields: models.create_model takes
-# them for bottleneck models; training a row that sets them needs Config (and train.build_model)
-# to carry them.
-MODEL_ONLY = ("cardinality", "base_width")
-
 # ------------------------------------------------------------------------------------------------
 # Recipes and presets.
 
@@ -82,7 +75,7 @@ class Row:
 
     Attributes:
         name: the row's key in tables and its workdir name (with ``-seedK``).
-        settings: Config fields (or ``MODEL_ONLY`` options) over the recipe and preset.
+        settings: Config fields over the recipe and preset.
         per_preset: preset -> settings over ``settings`` for that preset only.
         group: the panel of the curve plots the row is drawn in.
         x: the row's position on a sweep plot's x axis (e.g. the cardinality).
@@ -278,25 +271,15 @@ class Run:
     row: Row
     preset: str
     seed: int
-    settings: Mapping[str, Any]  # every setting the run overrides (Config fields, MODEL_ONLY)
+    settings: Mapping[str, Any]  # every Config field the run overrides
     workdir: Path
 
     @property
     def name(self) -> str:
         return f"{self.row.name}-seed{self.seed}"
 
-    @property
-    def blocked_by(self) -> list[str]:
-        """The settings Config lacks (so the run cannot be trained yet)."""
-        return [k for k in self.settings if k not in CONFIG_FIELDS]
-
     def config(self) -> Config:
-        """The run's Config, validated; a UserError if it needs fields Config lacks."""
-        if self.blocked_by:
-            raise UserError(
-                f"experiment {self.experiment.name!r} row {self.row.name!r} needs Config "
-                f"field(s) {', '.join(self.blocked_by)}, which resnet_jax.config.Config does not "
-                "have yet")
+        """The run's Config, validated (a UserError if not valid)."""
         return validate(Config(**self.settings))
 
 
@@ -307,7 +290,7 @@ def row_settings(experiment: Experiment, row: Row, preset: str) -> dict[str, Any
     for layer in (PRESETS[preset], experiment.recipe, experiment.per_preset.get(preset, {}),
                   row.settings, row.per_preset.get(preset, {})):
         settings.update(layer)
-    unknown = sorted(set(settings) - CONFIG_FIELDS - set(MODEL_ONLY))
+    unknown = sorted(set(settings) - CONFIG_FIELDS)
     if unknown:
         raise UserError(f"experiment {experiment.name!r} row {row.name!r} sets unknown "
                         f"setting(s) {', '.join(unknown)}")
@@ -340,8 +323,8 @@ def plan(experiment: Experiment, preset: str, seeds: int, runs_dir: str | Path,
 
 
 def _setting(settings: Mapping[str, Any], key: str) -> Any:
-    """A run's value of ``key``: its own, else Config's default (None for a MODEL_ONLY one)."""
-    return settings[key] if key in settings else getattr(Config(), key, None)
+    """A run's value of ``key``: its own, else Config's default."""
+    return settings[key] if key in settings else getattr(Config(), key)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,30 +333,30 @@ def _setting(settings: Mapping[str, Any], key: str) -> Any:
 _COST_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
+# The Config fields that define a run's model and its input.
+_MODEL_FIELDS = ("arch", "dataset", "image_size", "precision", "stem", "width",
+                 "zero_init_residual", "cardinality", "base_width")
+
+
 def _model_key(settings: Mapping[str, Any]) -> tuple:
+    return tuple(_setting(settings, k) for k in _MODEL_FIELDS)
+
+
+def _input_shape(settings: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """One image of the run's input: (1, image_size, image_size, channels)."""
     from resnet_jax import data as data_lib
 
-    spec = data_lib.get_spec(_setting(settings, "dataset"))
-    options = tuple((k, settings[k]) for k in MODEL_ONLY if k in settings)
-    return (*(_setting(settings, k) for k in ("arch", "image_size")), spec.image_shape[-1],
-            spec.num_classes,
-            *(_setting(settings, k) for k in ("precision", "stem", "width", "zero_init_residual")),
-            options)
+    size = _setting(settings, "image_size")
+    return (1, size, size, data_lib.get_spec(_setting(settings, "dataset")).image_shape[-1])
 
 
 def build_model(settings: Mapping[str, Any]) -> Any:
-    """The model a run trains, as train.build_model builds it, plus the ``MODEL_ONLY`` options."""
-    import jax.numpy as jnp
+    """The model a run trains: train.build_model of the run's settings."""
+    from resnet_jax import data as data_lib
+    from resnet_jax import train as train_lib
 
-    from resnet_jax import models
-
-    arch, _, _, num_classes, precision, stem, width, zero_init, options = _model_key(settings)
-    try:
-        return models.create_model(
-            arch, num_classes=num_classes, stem=stem, width=width, zero_init_residual=zero_init,
-            dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32, **dict(options))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    config = Config(**{k: _setting(settings, k) for k in _MODEL_FIELDS})
+    return train_lib.build_model(config, data_lib.get_spec(config.dataset).num_classes)
 
 
 def model_cost(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -383,8 +366,7 @@ def model_cost(settings: Mapping[str, Any]) -> dict[str, Any]:
 
     key = _model_key(settings)
     if key not in _COST_CACHE:
-        _, size, channels = key[:3]
-        _COST_CACHE[key] = models.model_flops(build_model(settings), (1, size, size, channels))
+        _COST_CACHE[key] = models.model_flops(build_model(settings), _input_shape(settings))
     return _COST_CACHE[key]
 
 
@@ -400,12 +382,13 @@ def check_model(settings: Mapping[str, Any]) -> int:
     key = _model_key(settings)
     if key not in _PARAMS_CACHE:
         model = build_model(settings)
-        _, size, channels = key[:3]
+        shape = _input_shape(settings)
+        size = shape[1]
         if size < models.min_image_size(model):
             raise UserError(f"image_size {size} is too small for {model.block} blocks with the "
                             f"{model.stem} stem; use at least {models.min_image_size(model)}")
         try:
-            variables = models.abstract_variables(model, (1, size, size, channels))
+            variables = models.abstract_variables(model, shape)
         except ValueError as e:
             raise UserError(str(e)) from None
         _PARAMS_CACHE[key] = models.param_count(variables)
@@ -433,9 +416,9 @@ def read_records(workdir: Path) -> list[dict]:
 
 
 def identity_diff(run: Run, saved: Mapping[str, Any]) -> list[str]:
-    """The identity fields (and ``MODEL_ONLY`` options) in which a workdir's saved config.json
-    differs from ``run``, as ``key: saved -> wanted``."""
-    keys = [k for k in (*IDENTITY_FIELDS, *MODEL_ONLY) if k in CONFIG_FIELDS or k in run.settings]
+    """The identity fields in which a workdir's saved config.json differs from ``run``, as
+    ``key: saved -> wanted``."""
+    keys = IDENTITY_FIELDS
     return [f"{k}: {saved.get(k)!r} -> {_setting(run.settings, k)!r}" for k in keys
             if saved.get(k) != _setting(run.settings, k)]
 
@@ -443,9 +426,8 @@ def identity_diff(run: Run, saved: Mapping[str, Any]) -> list[str]:
 def finished_record(run: Run) -> dict | None:
     """The final metrics record if ``run``'s workdir holds this very run, finished; else None.
 
-    Finished: config.json matches the run's identity fields (and ``MODEL_ONLY`` options) and the
-    last record of metrics.jsonl is at the run's last step (epochs x steps per epoch, or
-    max_steps if smaller).
+    Finished: config.json matches the run's identity fields and the last record of metrics.jsonl
+    is at the run's last step (epochs x steps per epoch, or max_steps if smaller).
     """
     try:
         saved = json.loads((run.workdir / "config.json").read_text())
@@ -478,45 +460,35 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def dry_run(runs: Sequence[Run], say=_print) -> bool:
+def dry_run(runs: Sequence[Run], say=_print) -> None:
     """Checks every run without training: its Config validates, its model builds at its input
-    size; prints parameters, FLOPs and whether it is done, to resume, new or blocked.
-
-    Returns True if every run can be trained.
-    """
-    ok = True
+    size; prints parameters, FLOPs and whether it is done, to resume or new. A run that cannot
+    be trained is a UserError."""
     varying = _varying(runs)
     for run in runs:
         check_model(run.settings)
         cost = model_cost(run.settings)
-        note = ""
-        if run.blocked_by:
-            status, ok = "blocked", False
-            note = f"  [needs Config.{', Config.'.join(run.blocked_by)}]"
+        run.config()
+        if finished_record(run):
+            status = "done"
+        elif (run.workdir / "config.json").exists():
+            status = "resume"
         else:
-            run.config()
-            if finished_record(run):
-                status = "done"
-            elif (run.workdir / "config.json").exists():
-                status = "resume"
-            else:
-                status = "new"
+            status = "new"
         epochs = _setting(run.settings, "epochs")
         say(f"  {run.name:<22} {status:<7} epochs {epochs:<3} params {cost['params']:>11,}  "
-            f"FLOPs/img {_si(cost['flops']):>7}  {_describe(run.settings, varying)}{note}")
+            f"FLOPs/img {_si(cost['flops']):>7}  {_describe(run.settings, varying)}")
     spread = flops_spread(runs)
     if spread is not None:
         experiment = runs[0].experiment
         verdict = "ok" if spread <= experiment.flops_tolerance else "OUT OF TOLERANCE"
         say(f"  FLOPs-matched rows ({', '.join(experiment.flops_matched)}): max/min - 1 = "
             f"{spread:.1%} (tolerance {experiment.flops_tolerance:.0%}): {verdict}")
-    return ok
 
 
 def train_run(run: Run, say=_print, prefix: str = "") -> str:
     """Trains ``run`` unless it is finished: ``skipped``, ``trained``, ``diverged`` or
     ``stopped`` (SIGTERM/SIGINT checkpointed it). ``say`` gets one line per decision."""
-    from resnet_jax import data as data_lib
     from resnet_jax import train as train_lib
 
     record = finished_record(run)
@@ -532,11 +504,6 @@ def train_run(run: Run, say=_print, prefix: str = "") -> str:
     if diff:
         raise UserError(f"{run.workdir} holds a different run ({'; '.join(diff)}); delete it, "
                         "or use another --runs_dir")
-    built = train_lib.build_model(config, data_lib.get_spec(config.dataset).num_classes)
-    for key in MODEL_ONLY:  # Once Config has them, build_model must pass them on.
-        if key in run.settings and getattr(built, key) != run.settings[key]:
-            raise UserError(f"train.build_model ignores Config.{key}; the {run.name} run would "
-                            "train another model")
     say(f"{prefix}train {run.name} in {run.workdir}")
     try:
         train_lib.train_and_evaluate(config)
@@ -558,10 +525,6 @@ def run_experiment(experiment: Experiment, preset: str, seeds: int = 1,
     report is not written when a run was stopped.
     """
     runs = plan(experiment, preset, seeds, runs_dir, data_dir, rows)
-    blocked = sorted({k for r in runs for k in r.blocked_by})
-    if blocked:
-        raise UserError(f"experiment {experiment.name!r} needs Config field(s) "
-                        f"{', '.join(blocked)}, which resnet_jax.config.Config does not have yet")
     outcomes: dict[str, list[str]] = {}
     for i, run in enumerate(runs, 1):
         outcome = train_run(run, say, prefix=f"[{experiment.name} {i}/{len(runs)}] ")
@@ -822,13 +785,12 @@ def describe(experiment: Experiment, preset: str) -> str:
     lines = [f"{experiment.name}: {experiment.question}",
              f"  shared ({preset}): {_shared_setup(experiment, preset)}"]
     for run in runs:
-        note = f"  [needs Config.{', Config.'.join(run.blocked_by)}]" if run.blocked_by else ""
-        lines.append(f"  {run.row.name:<16} {_describe(run.settings, varying)}{note}")
+        lines.append(f"  {run.row.name:<16} {_describe(run.settings, varying)}")
     return "\n".join(lines)
 
 
 __all__ = [
-    "CHAPTER_RECIPE", "EXPERIMENTS", "IMPROVED_RECIPE", "MODEL_ONLY", "PRESETS", "Experiment",
+    "CHAPTER_RECIPE", "EXPERIMENTS", "IMPROVED_RECIPE", "PRESETS", "Experiment",
     "Plot", "Row", "Run", "check_preset", "collect", "describe", "dry_run", "finished_record",
     "flops_spread", "get_experiment", "model_cost", "plan", "run_experiment", "train_run",
     "write_report",

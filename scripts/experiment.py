@@ -10,8 +10,7 @@ command again skips the finished runs and resumes an interrupted one. The report
 OUT/NAME/PRESET/: table.md, results.csv, results.json and PNG plots. NAME `all` runs every
 experiment in turn. The report covers seeds 0 .. N-1 (--seeds) of every row whose run is finished.
 
-Unknown names, presets or rows are one line on stderr with exit status 2, and so are experiments
-whose rows set options Config lacks (`all` skips them and runs the others). A run whose loss
+Unknown names, presets or rows are one line on stderr with exit status 2. A run whose loss
 diverged is reported, the others go on, and the exit status is 3. SIGTERM/SIGINT checkpoint the
 current run and exit 0, as train.py; the same command resumes.
 """
@@ -22,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from resnet_jax.cli import EXIT_DIVERGED, EXIT_USER_ERROR, run_main  # noqa: E402
+from resnet_jax.cli import EXIT_DIVERGED, run_main  # noqa: E402
 
 
 def make_parser():
@@ -68,14 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = ex.plan(experiment, preset, args.seeds, args.runs_dir, args.data_dir, rows)
             if args.dry_run:
                 print(f"{experiment.name} ({preset}, {len(runs)} runs):")
-                if not ex.dry_run(runs):
-                    status = EXIT_USER_ERROR
-                continue
-            blocked = sorted({k for r in runs for k in r.blocked_by})
-            if blocked and len(chosen) > 1:  # `all`: report it, go on with the others
-                print(f"{experiment.name}: skipped, needs Config field(s) {', '.join(blocked)}",
-                      flush=True)
-                status = EXIT_USER_ERROR
+                ex.dry_run(runs)
                 continue
             outcomes = ex.run_experiment(experiment, preset, args.seeds, args.runs_dir,
                                          args.out, args.data_dir, rows)
@@ -83,9 +75,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 0  # As train.py: checkpointed on SIGTERM/SIGINT; rerun to resume.
             if outcomes.get("diverged"):
                 status = EXIT_DIVERGED
-        if status == EXIT_USER_ERROR:
-            print("experiment.py: error: some runs are blocked: Config lacks fields they set "
-                  "(see above)", file=sys.stderr)
         return status
 
     return run_main("experiment.py", job)
