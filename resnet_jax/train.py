@@ -267,6 +267,8 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
     """The model a Config names, with its options; a bad option is a UserError."""
     grouping = {k: getattr(config, k) for k in ("cardinality", "base_width")
                 if getattr(config, k) is not None}
+    if "grouped_conv" in models.model_options(config.arch):
+        grouping["grouped_conv"] = config.grouped_conv
     try:
         return models.create_model(config.arch, num_classes=num_classes,
                                    dtype=compute_dtype(config), stem=config.stem,

@@ -137,6 +137,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stem", choices=("imagenet", "small"), default="imagenet",
                         help="imagenet: the chapter's 7x7/2 conv + max-pool; small: 3x3/1, no "
                              "pool (Config.stem)")
+    parser.add_argument("--grouped_conv", choices=("auto", "native", "split"), default="auto",
+                        help="how grouped convs are computed (Config.grouped_conv): native, "
+                             "split (one conv per group), auto (split on a CPU)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per combination on stdout; the table then "
                              "goes to stderr")
@@ -176,7 +179,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     common = {"image_size": d["image_size"], "steps": d["steps"], "repeats": d["repeats"],
               "num_classes": args.num_classes or 10, "channels": args.channels or 1,
               "width": args.width or 64, "stem": args.stem, "cardinality": args.cardinality,
-              "base_width": args.base_width, "source_size": args.source_size or 28,
+              "base_width": args.base_width, "grouped_conv": args.grouped_conv,
+              "source_size": args.source_size or 28,
               "train_examples": d["train_examples"], "eval_examples": d["eval_examples"]}
     # Cases differing only in steps per dispatch are adjacent: they share one state and one
     # jitted loop (the in-jit loop takes its step count as a traced value: one compilation).
@@ -193,6 +197,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           f", {common['num_classes']} classes, width {common['width']}, {args.stem} stem"
           + (f", cardinality {args.cardinality}" if args.cardinality else "")
           + (f", base width {args.base_width}" if args.base_width else "")
+          + (f", {args.grouped_conv} grouped convs" if args.cardinality else "")
           + f"; {d['steps']} steps x {d['repeats']} repeats", file=table, flush=True)
     print(benchmark.table_header(), file=table, flush=True)
     for result in benchmark.run_cases(cases, mesh):

@@ -378,16 +378,17 @@ def test_torchvision_init_is_he_normal_fan_out_and_a_default_linear():
 
 GROUPED_BLOCKS = {
     # width = int(32 * 16 / 64) * 4 = 32 channels in 4 groups of 8.
-    "bottleneck": (lambda: models.Bottleneck(32, cardinality=4, base_width=16), 4, 128),
+    "bottleneck": (lambda **kw: models.Bottleneck(32, cardinality=4, base_width=16, **kw), 4, 128),
     # The chapter's groups=8 means 8 channels per group: 32 bottleneck channels in 4 groups.
-    "resnext_chapter": (lambda: models.ResNeXtBlock(64, groups=8, bot_mul=0.5), 4, 64),
+    "resnext_chapter": (lambda **kw: models.ResNeXtBlock(64, groups=8, bot_mul=0.5, **kw), 4, 64),
 }
 
 
+@pytest.mark.parametrize("impl", ["native", "split"])
 @pytest.mark.parametrize("kind", sorted(GROUPED_BLOCKS))
-def test_grouped_conv_equals_split_convolutions(kind):
+def test_grouped_conv_equals_split_convolutions(kind, impl):
     make, cardinality, channels = GROUPED_BLOCKS[kind]
-    block = make()
+    block = make(grouped_conv=impl)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 6, channels)), jnp.float32)
     variables = random_variables(block, x.shape)
     _, inter = intermediates(block, variables, x)
@@ -403,6 +404,63 @@ def test_grouped_conv_equals_split_convolutions(kind):
     ]
     expected = jnp.concatenate(parts, axis=-1) + p.get("bias", 0.0)
     np.testing.assert_allclose(inter["conv2"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")])
+@pytest.mark.parametrize("groups, strides", [(2, 1), (4, 2), (8, 1)])
+def test_conv_per_group_is_lax_grouped_conv_with_its_gradients(groups, strides, layout):
+    rng = np.random.default_rng(groups)
+    x = rng.normal(size=(2, 7, 7, 16))  # NHWC, and a kernel HWIO: 16 in, 24 out
+    k = rng.normal(size=(3, 3, 16 // groups, 24))
+    if layout[0] == "NCHW":
+        x, k = x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1)
+
+    def loss(conv_fn, x, k):
+        y = conv_fn(x, k, (strides, strides), ((1, 1), (1, 1)), feature_group_count=groups,
+                    dimension_numbers=layout, precision=HIGHEST)
+        return jnp.sum(jnp.sin(y)), y
+
+    with jax.enable_x64(True):  # float64: equal up to the order of the sums (1e-12)
+        x, k = jnp.asarray(x, jnp.float64), jnp.asarray(k, jnp.float64)
+        (_, want), want_grads = jax.value_and_grad(
+            functools.partial(loss, lax.conv_general_dilated), (0, 1), has_aux=True)(x, k)
+        (_, got), got_grads = jax.value_and_grad(
+            functools.partial(loss, models.conv_per_group), (0, 1), has_aux=True)(x, k)
+    chex.assert_trees_all_close((got, got_grads), (want, want_grads), rtol=1e-12, atol=1e-12)
+
+
+def test_split_and_native_resnext_share_parameters_and_results():
+    f64 = {"dtype": jnp.float64, "param_dtype": jnp.float64}
+    # Two stages of one ResNeXt block each (a strided one among them): 16 channels in 8 groups.
+    nets = {impl: models.ResNet(((1, 64), (1, 128)), "bottleneck", cardinality=8, base_width=8,
+                                width=16, stem="small", grouped_conv=impl, **f64)
+            for impl in ("native", "split")}
+
+    def loss(net, variables, x):
+        logits, _ = net.apply(variables, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(logits**2)
+
+    # float64: both programs sum in different orders, and train-mode BN in a 50-layer net
+    # amplifies float32 rounding past any tolerance that would still catch a wrong group.
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 1)))
+        inits = {i: jax.jit(functools.partial(net.init, train=False))(jax.random.key(0), x)
+                 for i, net in nets.items()}
+        chex.assert_trees_all_equal(inits["native"], inits["split"])  # names, shapes, values
+        results = {i: jax.jit(jax.value_and_grad(functools.partial(loss, net)))(inits["native"], x)
+                   for i, net in nets.items()}
+        # The split program has no grouped convolution left; the native one keeps XLA's.
+        jaxprs = {i: str(jax.make_jaxpr(functools.partial(loss, net))(inits["native"], x))
+                  for i, net in nets.items()}
+    chex.assert_trees_all_close(results["split"], results["native"], rtol=1e-9, atol=1e-12)
+    assert "feature_group_count=8" in jaxprs["native"]
+    assert "feature_group_count=8" not in jaxprs["split"]
+
+
+def test_grouped_conv_auto_splits_on_a_cpu_only():
+    assert models.resolve_grouped_conv("auto") == (
+        "split" if jax.default_backend() == "cpu" else "native")
+    assert [models.resolve_grouped_conv(c) for c in ("native", "split")] == ["native", "split"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +527,8 @@ def test_preact_network_stem_first_stage_and_head_by_hand():
         ("resnet50", {"stem": "bar"}, r"stem='bar' .*valid values: imagenet, small"),
         ("resnet18", {"width": 0}, r"width=0 .*positive integer"),
         ("resnext50_32x4d", {"cardinality": -1}, r"cardinality=-1 .*positive integer"),
+        ("resnet50", {"grouped_conv": "fast"}, r"grouped_conv='fast' .*valid values: auto, nat"),
+        ("resnet18", {"grouped_conv": "split"}, r"unknown option\(s\) grouped_conv"),
     ],
 )
 def test_bad_names_and_options_raise_value_error(name, options, match):
