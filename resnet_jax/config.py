@@ -29,7 +29,7 @@ IDENTITY_FIELDS = (
     "arch", "dataset", "image_size", "stem", "width", "zero_init_residual", "cardinality",
     "base_width", "batch_size",
     "learning_rate", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
-    "label_smoothing", "precision", "augment", "seed", "train_examples",
+    "label_smoothing", "precision", "augment", "random_erasing", "seed", "train_examples",
 )
 
 
@@ -84,6 +84,9 @@ class Config:
     precision: str = _f("fp32", "fp32, or bf16: bfloat16 compute with float32 params, optimizer "
                         "state and batch-norm statistics", choices=PRECISIONS)
     augment: bool = _f(False, "random crop with padding and horizontal flip, on the device")
+    random_erasing: float = _f(0.0, "probability that a training image gets a random rectangle "
+                               "(2-40%% of its area, aspect 0.3-3.3) filled with noise (Zhong et "
+                               "al.'s random erasing), on the device; 0: off")
     stem: str = _f("imagenet", "imagenet: 7x7/2 conv + 3x3/2 max-pool (the chapter's b1); small: "
                    "3x3/1 conv, no pool (for 28x28 and 32x32 inputs)", choices=STEMS)
     width: int = _f(64, "channels of the first stage (later stages double)")
@@ -153,6 +156,8 @@ def validate(config: Config) -> Config:
         raise UserError(f"--steps_per_dispatch must be >= 0, got {config.steps_per_dispatch}")
     if config.weight_decay < 0 or config.warmup_epochs < 0 or config.momentum < 0:
         raise UserError("--weight_decay, --warmup_epochs and --momentum must be >= 0")
+    if not 0 <= config.random_erasing <= 1:
+        raise UserError(f"--random_erasing must be in [0, 1], got {config.random_erasing}")
     if not 0 <= config.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.warmup_epochs >= config.epochs and config.schedule == "cosine":

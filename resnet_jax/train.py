@@ -173,8 +173,8 @@ def augment_key(seed: int, step: jax.Array) -> jax.Array:
 
 
 def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
-                    augment: bool = False, label_smoothing: float = 0.0,
-                    dtype: Any = jnp.float32) -> Callable:
+                    augment: bool = False, random_erasing: float = 0.0,
+                    label_smoothing: float = 0.0, dtype: Any = jnp.float32) -> Callable:
     """`loop(state, accum, data, perm, start, num_steps) -> (state, accum, chunk_loss_sum)`.
 
     Runs `num_steps` train steps (a traced count: one compilation serves every chunk length)
@@ -191,8 +191,13 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
         idx = jax.lax.dynamic_slice_in_dim(perm, (start + i) * batch_size, batch_size)
         idx = jax.lax.with_sharding_constraint(idx, batch)
         images = data_lib.preprocess(data.train_images[idx], image_size, dtype)
+        key = augment_key(seed, state.step)
+        if random_erasing:  # (split only then: runs without it keep their augmentation bits)
+            key, erase_key = jax.random.split(key)
         if augment:
-            images = data_lib.augment(augment_key(seed, state.step), images)
+            images = data_lib.augment(key, images)
+        if random_erasing:  # last, as in Zhong et al.: erase after crop and flip
+            images = data_lib.random_erasing(erase_key, images, random_erasing)
         images = jax.lax.with_sharding_constraint(images, batch)
         step = state.step
         state, m = train_step(state, {"image": images, "label": data.train_labels[idx]},
@@ -527,6 +532,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
     ddata = put_dataset(dataset, mesh)
     train_loop = make_train_loop(mesh, batch_size=config.batch_size, image_size=config.image_size,
                                  seed=config.seed, augment=config.augment,
+                                 random_erasing=config.random_erasing,
                                  label_smoothing=config.label_smoothing, dtype=dtype)
     eval_loop = make_eval_loop(mesh, image_size=config.image_size, dtype=dtype)
     permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(0, 2),

@@ -486,6 +486,34 @@ def test_augment():
     assert seen_flip == {True, False} and True in seen_shift
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_random_erasing_fills_one_rectangle_with_noise(dtype):
+    h, w, n = 24, 20, 256
+    images = jnp.full((n, h, w, 1), 2.0, dtype)  # outside [0, 1): every erased pixel differs
+    erase = jax.jit(data.random_erasing, static_argnums=2)
+    key = jax.random.key(0)
+    out = np.asarray(erase(key, images, 0.5), np.float32)
+    assert out.shape == images.shape and erase(key, images, 0.5).dtype == dtype
+    np.testing.assert_array_equal(out, np.asarray(erase(key, images, 0.5), np.float32))
+    changed = out[..., 0] != 2.0
+    erased = changed.any(axis=(1, 2))
+    assert 128 - 30 < erased.sum() < 128 + 30  # Binomial(256, 0.5): 3.75 standard deviations
+    areas, aspects = [], []
+    for mask, image in zip(changed[erased], out[erased], strict=True):
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        assert mask[box].all() and mask.sum() == mask[box].size  # one filled rectangle
+        assert ((image[box] >= 0) & (image[box] < 1)).all()  # uniform [0, 1) noise
+        areas.append(mask.sum() / (h * w))
+        aspects.append(len(rows) / len(cols))
+    # U(2%, 40%) of the area, up to rounding the sides (~3% here) and clipping (which shrinks);
+    # aspect ratios on both sides of 1.
+    assert min(areas) >= 0.01 and max(areas) <= 0.45 and 0.15 < np.mean(areas) < 0.25
+    assert min(aspects) < 0.8 and max(aspects) > 1.25
+    np.testing.assert_array_equal(np.asarray(erase(key, images, 0.0)), np.asarray(images))
+    assert np.asarray(erase(key, images, 1.0) != 2.0).any(axis=(1, 2, 3)).all()
+
+
 def test_augment_pad_zero_only_flips():
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(32, 8, 8, 1)), jnp.float32)
     out = np.asarray(jax.jit(data.augment, static_argnums=2)(jax.random.key(3), images, 0))

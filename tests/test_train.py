@@ -117,7 +117,8 @@ def test_chunked_train_loop_does_not_depend_on_the_split():
     it); a lone step (compiled without the loop) agrees up to rounding."""
     mesh = make_mesh()
     data = replicate(synthetic_data(), mesh)
-    loop = make_train_loop(mesh, batch_size=8, image_size=16, seed=3, augment=True)
+    loop = make_train_loop(mesh, batch_size=8, image_size=16, seed=3, augment=True,
+                           random_erasing=0.5)
     perm = data_lib.epoch_permutation(3, 0, 40)
 
     def run(splits):
@@ -131,6 +132,23 @@ def test_chunked_train_loop_does_not_depend_on_the_split():
     whole = run([4])
     chex.assert_trees_all_equal(whole, run([2, 2]))
     chex.assert_trees_all_close(whole, run([1, 1, 1, 1]), rtol=1e-4, atol=1e-5)
+
+
+def test_random_erasing_changes_the_batches_and_nothing_else():
+    mesh = make_mesh()
+    data = replicate(synthetic_data(), mesh)
+    perm = data_lib.epoch_permutation(0, 0, 40)
+
+    def params_after_two_steps(**options):
+        loop = make_train_loop(mesh, batch_size=8, image_size=16, seed=0, augment=True, **options)
+        state, _, _ = loop(tiny_state(), empty_accum(), data, perm, np.int32(0), np.int32(2))
+        return state.params
+
+    plain = params_after_two_steps()
+    chex.assert_trees_all_equal(plain, params_after_two_steps(random_erasing=0.0))
+    erased = params_after_two_steps(random_erasing=1.0)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain),
+                                                        jax.tree.leaves(erased), strict=True))
 
 
 def test_nonfinite_loss_is_recorded_with_its_step():
