@@ -49,7 +49,7 @@ else
   PRESET=gpu
 fi
 
-PARTS=${PARTS:-default tune bench recipe experiments}
+PARTS=${PARTS:-default tune bench grouped recipe experiments}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # Prefixes each line with the seconds since $1 (a date +%s.%N), to see where a run's time goes.
@@ -98,6 +98,21 @@ if part tune; then
       --precision fp32 bf16 --steps_per_dispatch 50 "${BENCH[@]}" --json \
       > "$OUT/tune_$name.jsonl" 2> "$OUT/tune_$name.err" \
       || echo "tune $name failed: $(tail -n 3 "$OUT/tune_$name.err")" | tee -a "$OUT/session.log"
+  done
+fi
+
+# 2c. ResNeXt's grouped convs (experiment 5's question, issue 7): cuDNN's grouped kernels
+# ("native") vs one convolution per group ("split", what a CPU uses), next to ResNet-50 (C=1) of
+# about the same FLOPs. (Smoke: width 16, the narrowest at which 32x4d has a channel per group.)
+if part grouped; then
+  for g in "1 64 native" "32 4 native" "32 4 split"; do
+    set -- $g
+    log "grouped convs: resnet50 cardinality $1, base width $2, $3"
+    timeout 240 python3 scripts/benchmark.py --arch resnet50 "${B128[@]}" --precision bf16 \
+      --steps_per_dispatch 50 "${BENCH[@]}" --cardinality "$1" --base_width "$2" \
+      --grouped_conv "$3" $([ "$SMOKE" = 1 ] && echo --width 16) --json \
+      >> "$OUT/grouped.jsonl" 2>> "$OUT/grouped.err" \
+      || echo "grouped $g failed: $(tail -n 3 "$OUT/grouped.err")" | tee -a "$OUT/session.log"
   done
 fi
 
