@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,19 @@ def identity(config: Config) -> dict[str, Any]:
     """The fields a resumed run must share with the run that wrote the workdir."""
     names = IDENTITY_FIELDS + (("epochs",) if config.schedule == "cosine" else ())
     return {name: getattr(config, name) for name in names}
+
+
+def identity_diff(wanted: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """``key: saved -> wanted`` for each value of ``wanted`` (identity fields) that ``saved`` (a
+    workdir's config.json) differs in. A field missing from ``saved`` was added after that run
+    was written and counts as its default, which is always the earlier behaviour."""
+    defaults = Config()
+    diff = []
+    for key, value in wanted.items():
+        old = saved.get(key, getattr(defaults, key))
+        if old != value:
+            diff.append(f"{key}: {old!r} -> {value!r}")
+    return diff
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

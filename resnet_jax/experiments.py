@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_jax.config import IDENTITY_FIELDS, Config, validate
+from resnet_jax.config import identity_diff as config_identity_diff
 from resnet_jax.errors import UserError
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
@@ -230,11 +231,13 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "chapter: the chapter's recipe (SGD, lr 0.01, constant) for the preset's epochs; "
         "chapter-long: the same recipe for as many epochs as improved; improved: random crop + "
         "flip, momentum 0.9, lr 0.1 with 1 warm-up epoch then cosine decay, label smoothing 0.1, "
-        "weight decay 5e-4 (gpu: 40 epochs, target >= 0.950 test accuracy). Training loss is "
+        "weight decay 5e-4 (gpu: 40 epochs, target >= 0.950 test accuracy); improved+erasing: "
+        "the same plus random erasing (Zhong et al.) with probability 0.5. Training loss is "
         "not comparable across recipes (label smoothing), so the plot shows validation metrics.",
         (Row("chapter", CHAPTER_RECIPE),
          Row("chapter-long", CHAPTER_RECIPE, per_preset=_LONG),
-         Row("improved", IMPROVED_RECIPE, per_preset=_LONG)),
+         Row("improved", IMPROVED_RECIPE, per_preset=_LONG),
+         Row("improved+erasing", {**IMPROVED_RECIPE, "random_erasing": 0.5}, per_preset=_LONG)),
         (Plot("curves", "curves.png", (("val_accuracy",), ("val_loss",))),),
         recipe={"arch": "resnet18"},
     ),
@@ -417,10 +420,8 @@ def read_records(workdir: Path) -> list[dict]:
 
 def identity_diff(run: Run, saved: Mapping[str, Any]) -> list[str]:
     """The identity fields in which a workdir's saved config.json differs from ``run``, as
-    ``key: saved -> wanted``."""
-    keys = IDENTITY_FIELDS
-    return [f"{k}: {saved.get(k)!r} -> {_setting(run.settings, k)!r}" for k in keys
-            if saved.get(k) != _setting(run.settings, k)]
+    ``key: saved -> wanted`` (config.identity_diff)."""
+    return config_identity_diff({k: _setting(run.settings, k) for k in IDENTITY_FIELDS}, saved)
 
 
 def finished_record(run: Run) -> dict | None:

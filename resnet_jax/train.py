@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import data as data_lib
 from resnet_jax import models
 from resnet_jax.checkpoint import Checkpointer
-from resnet_jax.config import Config, identity, validate
+from resnet_jax.config import Config, identity, identity_diff, validate
 from resnet_jax.errors import UserError
 from resnet_jax.metrics import MetricsWriter, Progress, format_record
 from resnet_jax.optimizer import create_optimizer
@@ -308,8 +308,7 @@ def _check_workdir(config: Config, is_main: bool) -> Path:
             saved = json.loads(saved_path.read_text())
         except (OSError, ValueError):
             raise UserError(f"{saved_path} is unreadable; use --overwrite to start again") from None
-        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in identity(config).items()
-                if saved.get(k) != v]
+        diff = identity_diff(identity(config), saved)
         if diff:
             raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(diff)}); "
                             "use --overwrite to start again or another --workdir")

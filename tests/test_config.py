@@ -1,10 +1,19 @@
 """The Config: flags derived from it, presets, and validation with one-line errors."""
 
 import dataclasses
+import json
 
 import pytest
 
-from resnet_jax.config import IDENTITY_FIELDS, PRESETS, Config, identity, parse_config, validate
+from resnet_jax.config import (
+    IDENTITY_FIELDS,
+    PRESETS,
+    Config,
+    identity,
+    identity_diff,
+    parse_config,
+    validate,
+)
 from resnet_jax.errors import UserError
 
 
@@ -87,3 +96,12 @@ def test_cosine_runs_cannot_be_extended_but_constant_ones_can():
     assert "epochs" in identity(Config(schedule="cosine"))
     assert "epochs" not in identity(Config())
     assert identity(Config(cardinality=8))["cardinality"] == 8
+
+
+def test_identity_diff_reads_a_missing_field_as_its_default():
+    saved = json.loads(Config(seed=3).to_json())
+    del saved["random_erasing"]  # a workdir written before the field existed
+    assert identity_diff(identity(Config(seed=3)), saved) == []
+    assert identity_diff(identity(Config(seed=3, random_erasing=0.5)), saved) == [
+        "random_erasing: 0.0 -> 0.5"]
+    assert identity_diff(identity(Config(seed=4)), saved) == ["seed: 3 -> 4"]
