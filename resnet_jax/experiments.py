@@ -200,7 +200,9 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "than the 3x3 kernels: at 28x28 with the 7x7/2 stem (maps 7-4-2-1) the FLOPs of C=32 "
         "exceed C=1's by 26%, so the cpu preset uses 20x20 input with the small stem "
         "(maps 20-10-5-3: 13%). The tiny preset uses width 16 so that d=4 gives at least "
-        "one channel per group.",
+        "one channel per group. Grouped convs run as Config.grouped_conv=auto picks: one "
+        "convolution per group on a CPU (with XLA:CPU's own grouped convolution these models "
+        "train 3-12x slower here, see throughput.md), cuDNN's grouped convolution on a GPU.",
         tuple(Row(f"{c}x{d}d", {"arch": "resnet50", "cardinality": c, "base_width": d}, x=c)
               for c, d in ((1, 64), (2, 40), (4, 24), (8, 14), (32, 4))),
         (Plot("sweep", "cardinality.png",
