@@ -35,6 +35,7 @@ from resnet_jax.config import identity_diff as config_identity_diff
 from resnet_jax.errors import UserError
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+
 # ------------------------------------------------------------------------------------------------
 # Recipes and presets.
 
