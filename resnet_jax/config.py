@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resnet_jax.errors import UserError
+from resnet_jax.models import GROUPED_CONVS, STEMS  # one list of choices for models and flags
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
-STEMS = ("imagenet", "small")
-GROUPED_CONVS = ("auto", "native", "split")  # models.GROUPED_CONVS (not imported: fast --help)
 
 # Fields that fix the trajectory of a run: resuming a workdir with any of them changed would
 # silently give a different result, so it is an error (``--overwrite`` starts afresh on purpose).

@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from resnet_jax.cli import run_main  # noqa: E402
+from resnet_jax.models import GROUPED_CONVS, STEMS  # noqa: E402
 
 PROG = "benchmark.py"
 
@@ -134,10 +135,10 @@ def make_parser() -> argparse.ArgumentParser:
                               "10000"),
             ("epochs", "--end_to_end: epochs; default 10")):
         parser.add_argument(f"--{name}", type=_one(name), default=None, help=text)
-    parser.add_argument("--stem", choices=("imagenet", "small"), default="imagenet",
+    parser.add_argument("--stem", choices=STEMS, default="imagenet",
                         help="imagenet: the chapter's 7x7/2 conv + max-pool; small: 3x3/1, no "
                              "pool (Config.stem)")
-    parser.add_argument("--grouped_conv", choices=("auto", "native", "split"), default="auto",
+    parser.add_argument("--grouped_conv", choices=GROUPED_CONVS, default="auto",
                         help="how grouped convs are computed (Config.grouped_conv): native, "
                              "split (one conv per group), auto (split on a CPU)")
     parser.add_argument("--json", action="store_true",
