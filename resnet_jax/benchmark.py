@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import gzip
 import json
 import math
 import statistics
@@ -126,6 +127,7 @@ class Case:
     cardinality: int | None = None  # None: the arch's own (Config.cardinality)
     base_width: int | None = None
     grouped_conv: str = "auto"
+    max_pool: str = "auto"
     source_size: int = 28
     train_examples: int = 60_000
     eval_examples: int = 10_000
@@ -136,7 +138,7 @@ class Case:
         return Config(arch=self.arch, batch_size=self.batch_size, precision=self.precision,
                       image_size=self.image_size, width=self.width, stem=self.stem,
                       cardinality=self.cardinality, base_width=self.base_width,
-                      grouped_conv=self.grouped_conv,
+                      grouped_conv=self.grouped_conv, max_pool=self.max_pool,
                       steps_per_dispatch=self.steps_per_dispatch, seed=self.seed)
 
     @property
@@ -144,7 +146,7 @@ class Case:
         """Cases that share a compiled program (they differ only in steps per dispatch)."""
         return (self.arch, self.batch_size, self.precision, self.image_size, self.num_classes,
                 self.channels, self.width, self.stem, self.cardinality, self.base_width,
-                self.grouped_conv, self.source_size, self.seed)
+                self.grouped_conv, self.max_pool, self.source_size, self.seed)
 
 
 def check_case(case: Case, mesh: Mesh) -> None:
@@ -314,6 +316,15 @@ def _time_eval(group: _Group, case: Case, mesh: Mesh) -> dict:
             "eval_images_per_sec": case.eval_examples / statistics.median(times)}
 
 
+def _train_chunk(group: _Group, case: Case, start: int) -> Any:
+    """One dispatch of the train loop: `steps_per_dispatch` steps from step `start` of the
+    permutation, the group's state threaded through; returns the chunk's summed loss."""
+    group.state, group.accum, loss = group.train_loop(
+        group.state, group.accum, group.ddata, group.perm, np.int32(start),
+        np.int32(case.steps_per_dispatch))
+    return loss
+
+
 def _time_train(group: _Group, case: Case) -> dict:
     """Compile time and steady images/s of the train loop at the case's steps per dispatch.
 
@@ -331,10 +342,7 @@ def _time_train(group: _Group, case: Case) -> dict:
     wrap = max(1, case.train_examples // case.batch_size - spd + 1)
 
     def chunk(k: int) -> Any:
-        group.state, group.accum, loss = group.train_loop(
-            group.state, group.accum, group.ddata, group.perm, np.int32(k * spd % wrap),
-            np.int32(spd))
-        return loss
+        return _train_chunk(group, case, k * spd % wrap)
 
     start = time.perf_counter()
     with CompileTimer() as timer:
@@ -366,8 +374,93 @@ def _time_train(group: _Group, case: Case) -> dict:
             "final_loss": losses[-1]}
 
 
-def run_cases(cases: list[Case], mesh: Mesh | None = None) -> Iterator[dict]:
-    """Yields one result dict per case, in order; cases of one group should be adjacent."""
+# ----------------------------------------------------------------------------------------------
+# Where a step's device time goes
+
+
+def case_name(case: Case) -> str:
+    return f"{case.arch}_{case.precision}_b{case.batch_size}_spd{case.steps_per_dispatch}"
+
+
+def _profile_train(group: _Group, case: Case, trace_dir: Path) -> dict:
+    """Traces one more dispatch of the train loop with `jax.profiler` into `trace_dir` (open it
+    in TensorBoard's profile plugin, or its trace.json.gz in ui.perfetto.dev) and summarises it
+    with `device_time_by_op`."""
+    with jax.profiler.trace(str(trace_dir)):
+        jax.block_until_ready((_train_chunk(group, case, 0), group.state))
+    return {"trace_dir": str(trace_dir),
+            **device_time_by_op(trace_dir, steps=case.steps_per_dispatch)}
+
+
+def _op_kind(op: str) -> str:
+    # XLA names instructions "<kind>.<n>" ("cudnn-conv-bw-filter.3", "loop_add_fusion.12").
+    head, _, tail = op.rpartition(".")
+    return head if head and tail.isdigit() else op
+
+
+def device_time_by_op(trace_dir: str | Path, steps: int = 1, top: int = 12) -> dict:
+    """Device time per train step by XLA instruction kind, from a `jax.profiler` trace.
+
+    Reads the newest ``plugins/profile/*/*.trace.json.gz`` under `trace_dir`. On a GPU it sums
+    the kernels on the device's streams (grouped by the XLA instruction that launched them);
+    on a CPU, the host threads' XLA thunks. Kernels on concurrent streams count in full, so
+    the busy time can exceed the wall time of the step.
+
+    Returns ``{"device_ms_per_step", "kinds": [{"kind", "ms_per_step", "share", "count"}, ...]}``
+    with the `top` kinds by time (``count``: instructions of that kind per step).
+    """
+    traces = sorted(Path(trace_dir).glob("plugins/profile/*/*.trace.json.gz"),
+                    key=lambda p: p.stat().st_mtime)
+    if not traces:
+        raise UserError(f"no profiler trace under {trace_dir}")
+    with gzip.open(traces[-1], "rb") as f:
+        events = json.load(f)["traceEvents"]
+    meta = {(e["pid"], e.get("tid"), e["name"]): e["args"].get("name", "")
+            for e in events if e.get("ph") == "M" and "args" in e}
+    devices = {pid for (pid, _, kind), name in meta.items()
+               if kind == "process_name" and name.startswith("/device:")}
+    # A device's streams; XLA's derived "XLA Ops"/"XLA Modules" lines would count twice.
+    streams = {(pid, tid) for (pid, tid, kind), name in meta.items()
+               if pid in devices and kind == "thread_name" and name.startswith("Stream")}
+    kinds: dict[str, dict] = {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        args = e.get("args", {})
+        if devices:
+            if e["pid"] not in devices or (streams and (e["pid"], e.get("tid")) not in streams):
+                continue
+        elif "hlo_op" not in args:
+            continue
+        kind = _op_kind(args.get("hlo_op", e["name"]))
+        row = kinds.setdefault(kind, {"kind": kind, "us": 0.0, "count": 0})
+        row["us"] += float(e.get("dur", 0.0))
+        row["count"] += 1
+    total = sum(r["us"] for r in kinds.values())
+    rows = sorted(kinds.values(), key=lambda r: -r["us"])[:top]
+    return {"device_ms_per_step": total / 1e3 / steps,
+            "kinds": [{"kind": r["kind"], "ms_per_step": r["us"] / 1e3 / steps,
+                       "share": r["us"] / total if total else 0.0,
+                       "count": r["count"] / steps} for r in rows]}
+
+
+def profile_line(r: dict) -> str:
+    """The profile of a result as one comment line for the table."""
+    p = r["profile"]
+    top = ", ".join(f"{k['kind']} {k['ms_per_step']:.3f} ({100 * k['share']:.0f}%)"
+                    for k in p["kinds"][:6])
+    return (f"# profile {case_name(Case(**{f.name: r[f.name] for f in dataclasses.fields(Case)}))}"
+            f": device {p['device_ms_per_step']:.3f} ms/step of {r['step_time_ms']:.3f}; "
+            f"{top} (trace: {p['trace_dir']})")
+
+
+def run_cases(cases: list[Case], mesh: Mesh | None = None,
+              profile_dir: str | Path | None = None) -> Iterator[dict]:
+    """Yields one result dict per case, in order; cases of one group should be adjacent.
+
+    With `profile_dir`, each case also traces one dispatch after its timing into
+    ``profile_dir/<case_name>`` and its result holds ``profile`` (`device_time_by_op`).
+    """
     mesh = mesh if mesh is not None else train_lib.make_mesh()
     for case in cases:
         check_case(case, mesh)
@@ -392,6 +485,8 @@ def run_cases(cases: list[Case], mesh: Mesh | None = None) -> Iterator[dict]:
         else:
             peak_before = _peak_bytes(device)
         result = _time_train(group, case)
+        if profile_dir is not None:
+            result["profile"] = _profile_train(group, case, Path(profile_dir) / case_name(case))
         if group.eval_result is None:
             group.eval_result = _time_eval(group, case, mesh)
         peak = _peak_bytes(device)

@@ -36,7 +36,12 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from resnet_jax.cli import run_main  # noqa: E402
-from resnet_jax.models import GROUPED_CONVS, STEMS  # noqa: E402
+from resnet_jax.models import (  # noqa: E402
+    GROUPED_CONVS,
+    MAX_POOLS,
+    STEMS,
+    resolve_max_pool,
+)
 
 PROG = "benchmark.py"
 
@@ -141,6 +146,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grouped_conv", choices=GROUPED_CONVS, default="auto",
                         help="how grouped convs are computed (Config.grouped_conv): native, "
                              "split (one conv per group), auto (split on a CPU)")
+    parser.add_argument("--max_pool", choices=MAX_POOLS, default="auto",
+                        help="how the stem's max-pool is computed (Config.max_pool): "
+                             "reduce_window, slices, auto (reduce_window)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing each combination, trace one more dispatch with "
+                             "jax.profiler into DIR/<combination> and print where the device "
+                             "time of a step goes, by XLA instruction kind")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per combination on stdout; the table then "
                              "goes to stderr")
@@ -181,7 +193,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "num_classes": args.num_classes or 10, "channels": args.channels or 1,
               "width": args.width or 64, "stem": args.stem, "cardinality": args.cardinality,
               "base_width": args.base_width, "grouped_conv": args.grouped_conv,
-              "source_size": args.source_size or 28,
+              "max_pool": args.max_pool, "source_size": args.source_size or 28,
               "train_examples": d["train_examples"], "eval_examples": d["eval_examples"]}
     # Cases differing only in steps per dispatch are adjacent: they share one state and one
     # jitted loop (the in-jit loop takes its step count as a traced value: one compilation).
@@ -199,11 +211,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
           + (f", cardinality {args.cardinality}" if args.cardinality else "")
           + (f", base width {args.base_width}" if args.base_width else "")
           + (f", {args.grouped_conv} grouped convs" if args.cardinality else "")
+          + f", {resolve_max_pool(args.max_pool)} max-pool"
           + f"; {d['steps']} steps x {d['repeats']} repeats", file=table, flush=True)
     print(benchmark.table_header(), file=table, flush=True)
-    for result in benchmark.run_cases(cases, mesh):
+    for result in benchmark.run_cases(cases, mesh, profile_dir=args.profile):
         # Rows are printed as they finish, so a run cut short still leaves its results.
         print(benchmark.table_row(result), file=table, flush=True)
+        if "profile" in result:
+            print(benchmark.profile_line(result), file=table, flush=True)
         if args.json:
             print(json.dumps(result), flush=True)
     print("# " + benchmark.table_legend(), file=table, flush=True)

@@ -85,19 +85,25 @@ python3 scripts/benchmark.py --arch resnet18 "${B1024[@]}" --precision bf16 \
   --steps_per_dispatch 50 "${BENCH[@]}" --json > "$OUT/bench_b1024.jsonl"
 fi
 
-# 2b. XLA flags that may cut per-kernel overhead at batch 128 (many small kernels per step):
-# command buffers (CUDA graphs) over more op kinds, and the autotuner's level (compile time).
+# 2b. What may cut the step's time at batch 128 (many small kernels per step): the stem's
+# max-pool as fused slices instead of select_and_scatter (--max_pool), command buffers (CUDA
+# graphs) over more op kinds, and the autotuner's level (compile time). TUNE_B1024 variants are
+# also measured at batch 1024.
 if part tune; then
-  for variant in "baseline|" \
-      "cmdbuf_cudnn|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
-      "cmdbuf_while|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-      "autotune0|--xla_gpu_autotune_level=0"; do
-    name=${variant%%|*} flags=${variant#*|}
-    log "tune $name: XLA_FLAGS=$flags"
+  for variant in "baseline||" "slices||--max_pool slices" \
+      "slices_cmdbuf|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL|--max_pool slices" \
+      "slices_autotune0|--xla_gpu_autotune_level=0|--max_pool slices"; do
+    IFS='|' read -r name flags extra <<< "$variant"
+    log "tune $name: XLA_FLAGS=$flags $extra"
     XLA_FLAGS="$flags" timeout 240 python3 scripts/benchmark.py --arch resnet18 "${B128[@]}" \
-      --precision fp32 bf16 --steps_per_dispatch 50 "${BENCH[@]}" --json \
+      --precision fp32 bf16 --steps_per_dispatch 50 "${BENCH[@]}" $extra --json \
       > "$OUT/tune_$name.jsonl" 2> "$OUT/tune_$name.err" \
       || echo "tune $name failed: $(tail -n 3 "$OUT/tune_$name.err")" | tee -a "$OUT/session.log"
+    [[ " ${TUNE_B1024:-baseline slices} " == *" $name "* ]] || continue
+    XLA_FLAGS="$flags" timeout 240 python3 scripts/benchmark.py --arch resnet18 "${B1024[@]}" \
+      --precision bf16 --steps_per_dispatch 50 "${BENCH[@]}" $extra --json \
+      >> "$OUT/tune_$name.jsonl" 2>> "$OUT/tune_$name.err" \
+      || echo "tune $name b1024 failed: $(tail -n 3 "$OUT/tune_$name.err")" | tee -a "$OUT/session.log"
   done
 fi
 

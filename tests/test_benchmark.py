@@ -57,6 +57,24 @@ def test_benchmark_json_fields_are_sane():
     assert "train_img/s" in out.stderr
 
 
+def test_profile_says_where_the_step_time_goes(tmp_path):
+    out = _run(*TINY, "--steps", "2", "--repeats", "1", "--steps_per_dispatch", "2",
+               "--train_examples", "64", "--eval_examples", "16", "--max_pool", "slices",
+               "--profile", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert result["max_pool"] == "slices" and "slices max-pool" in out.stderr
+    profile = result["profile"]
+    assert Path(profile["trace_dir"]) == tmp_path / "resnet18_fp32_b8_spd2"
+    assert list(Path(profile["trace_dir"]).glob("plugins/profile/*/*.trace.json.gz"))
+    kinds = {k["kind"]: k for k in profile["kinds"]}
+    assert profile["device_ms_per_step"] > 0 and 0 < sum(k["share"] for k in kinds.values()) <= 1
+    assert all(k["ms_per_step"] > 0 and k["count"] > 0 for k in kinds.values())
+    # A ResNet-18 step is mostly its convolutions, forward and backward: one is among the top.
+    assert any("conv" in kind for kind in kinds)
+    assert "# profile resnet18_fp32_b8_spd2: device " in out.stderr
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--arch", "resnet18,resnet19"], "unknown --arch 'resnet19'; valid: "),
     (["--batch_size", "128", "0"], "--batch_size 0: must be positive"),
