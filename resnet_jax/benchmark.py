@@ -127,7 +127,6 @@ class Case:
     cardinality: int | None = None  # None: the arch's own (Config.cardinality)
     base_width: int | None = None
     grouped_conv: str = "auto"
-    max_pool: str = "auto"
     source_size: int = 28
     train_examples: int = 60_000
     eval_examples: int = 10_000
@@ -138,7 +137,7 @@ class Case:
         return Config(arch=self.arch, batch_size=self.batch_size, precision=self.precision,
                       image_size=self.image_size, width=self.width, stem=self.stem,
                       cardinality=self.cardinality, base_width=self.base_width,
-                      grouped_conv=self.grouped_conv, max_pool=self.max_pool,
+                      grouped_conv=self.grouped_conv,
                       steps_per_dispatch=self.steps_per_dispatch, seed=self.seed)
 
     @property
@@ -146,7 +145,7 @@ class Case:
         """Cases that share a compiled program (they differ only in steps per dispatch)."""
         return (self.arch, self.batch_size, self.precision, self.image_size, self.num_classes,
                 self.channels, self.width, self.stem, self.cardinality, self.base_width,
-                self.grouped_conv, self.max_pool, self.source_size, self.seed)
+                self.grouped_conv, self.source_size, self.seed)
 
 
 def check_case(case: Case, mesh: Mesh) -> None:

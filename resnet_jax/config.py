@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import GROUPED_CONVS, MAX_POOLS, STEMS  # one list of choices
+from resnet_jax.models import GROUPED_CONVS, STEMS  # one list of choices for models and flags
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -114,10 +114,6 @@ class Config:
                            "split (one convolution per group: ResNeXt trains 3-12x faster on "
                            "XLA:CPU), auto (split on a CPU, native elsewhere)",
                            choices=GROUPED_CONVS)
-    max_pool: str = _f("auto", "how the stem's max-pool is computed, with the same results: "
-                       "reduce_window (flax's nn.max_pool; XLA's select_and_scatter gradient), "
-                       "slices (strided slices that XLA fuses, gradient included), auto "
-                       "(reduce_window)", choices=MAX_POOLS)
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
     train_examples: int | None = _f(None, "use only the first N training examples (quick runs)")
     max_steps: int | None = _f(None, "stop after this many steps in total, then evaluate and "
@@ -156,7 +152,7 @@ def validate(config: Config) -> Config:
         raise UserError(f"unknown --dataset {config.dataset!r}; valid: {', '.join(data.DATASETS)}")
     for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                           ("precision", PRECISIONS), ("stem", STEMS),
-                          ("grouped_conv", GROUPED_CONVS), ("max_pool", MAX_POOLS)):
+                          ("grouped_conv", GROUPED_CONVS)):
         if getattr(config, name) not in choices:
             raise UserError(f"unknown --{name} {getattr(config, name)!r}; valid: "
                             f"{', '.join(choices)}")

@@ -23,10 +23,6 @@ parameters and the same function (``grouped_conv``): ``"native"``, one XLA convo
 runs the native form many times slower (see :func:`conv_per_group`); ``"auto"`` (default) picks
 ``"split"`` on a CPU backend and ``"native"`` elsewhere (cuDNN implements groups itself).
 
-The stem's max-pool likewise (``max_pool``): ``"reduce_window"``, flax's ``nn.max_pool``, whose
-gradient is XLA's ``select_and_scatter``; ``"slices"``, :func:`max_pool_slices`, the same values
-and gradients from strided slices that XLA fuses. ``"auto"`` (default) is ``"reduce_window"``.
-
 Mixed precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Batch-norm
 statistics are reduced and stored in float32 (flax's ``force_float32_reductions``), and the logits
 are always returned in float32 so that losses are computed stably whatever ``dtype`` is.
@@ -50,7 +46,6 @@ VARIANTS = ("d2l", "torchvision")
 STEMS = ("imagenet", "small")
 BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
 GROUPED_CONVS = ("auto", "native", "split")
-MAX_POOLS = ("auto", "reduce_window", "slices")
 
 # He et al.'s init (kaiming_normal_, fan_out), which torchvision's ResNets apply explicitly.
 _he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -111,69 +106,6 @@ def conv_per_group(
     outputs = [lax.conv_general_dilated(x, k, window_strides, padding, dimension_numbers=dn,
                                         **kwargs) for x, k in zip(inputs, kernels, strict=True)]
     return jnp.concatenate(outputs, axis=dn.out_spec[1])
-
-
-def _pool_windows(
-    x: jax.Array, window: int, stride: int, pad: int
-) -> tuple[list[jax.Array], tuple[int, ...]]:
-    """The ``window**2`` strided views of ``x`` padded with -inf, in window order, and the
-    padded shape: their elementwise maximum is the max-pool."""
-    n, h, w, c = x.shape
-    ho, wo = (h + 2 * pad - window) // stride + 1, (w + 2 * pad - window) // stride + 1
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-    views = [lax.slice(padded, (0, dy, dx, 0),
-                       (n, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1, c),
-                       (1, stride, stride, 1))
-             for dy in range(window) for dx in range(window)]
-    return views, padded.shape
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
-    """Square max-pool of NHWC ``x`` (padded with -inf, PyTorch-style) from strided slices.
-
-    Values and gradients equal ``nn.max_pool(x, (window,) * 2, (stride,) * 2, ((pad, pad),) * 2)``
-    (the gradient goes to the first maximum of each window, as XLA's ``select_and_scatter``
-    gives it), but the backward pass is elementwise selects and pads that XLA fuses into one
-    loop. On this project's CPU the stem pool's gradient alone (128x48x48x64) took 0.31 s
-    through ``select_and_scatter`` and 0.07 s this way, yet a whole ResNet-18 train step
-    (96x96, batch 128) took the same time either way.
-    """
-    views, _ = _pool_windows(x, window, stride, pad)
-    return functools.reduce(jnp.maximum, views)
-
-
-def _max_pool_fwd(x: jax.Array, window: int, stride: int, pad: int) -> tuple[jax.Array, Any]:
-    y = max_pool_slices(x, window, stride, pad)
-    return y, (x, y)
-
-
-def _max_pool_bwd(window: int, stride: int, pad: int, res: Any, g: jax.Array) -> tuple[jax.Array]:
-    x, y = res
-    views, padded = _pool_windows(x, window, stride, pad)
-    ho, wo = y.shape[1:3]
-    taken = jnp.zeros(y.shape, bool)
-    grad = jnp.zeros(padded, g.dtype)
-    zero = jnp.zeros((), g.dtype)
-    for i, view in enumerate(views):
-        dy, dx = divmod(i, window)
-        hit = (view == y) & ~taken  # only the first maximum of a window gets the gradient
-        taken = taken | hit
-        # Interior padding puts output (i, j)'s gradient back at input (dy + s*i, dx + s*j).
-        grad = grad + lax.pad(jnp.where(hit, g, zero), zero, (
-            (0, 0, 0), (dy, padded[1] - dy - stride * (ho - 1) - 1, stride - 1),
-            (dx, padded[2] - dx - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
-    return (grad[:, pad:padded[1] - pad, pad:padded[2] - pad],)
-
-
-max_pool_slices.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def resolve_max_pool(choice: str) -> str:
-    """``"reduce_window"`` or ``"slices"``: ``choice`` itself, or for ``"auto"`` the default
-    backend's."""
-    _check_choice("max_pool", choice, MAX_POOLS)
-    return "reduce_window" if choice == "auto" else choice
 
 
 def resolve_grouped_conv(choice: str) -> str:
@@ -458,7 +390,6 @@ class ResNet(nn.Module):
             scaled by ``width / 64``, so later stages keep doubling.
         cardinality, base_width: ResNeXt's grouping of the bottleneck blocks (see Bottleneck).
         grouped_conv: how the grouped convs are computed (``GROUPED_CONVS``; module docstring).
-        max_pool: how the stem's max-pool is computed (``MAX_POOLS``; module docstring).
         shortcut: False removes every shortcut (the "plain" nets of the degradation experiment).
         variant, zero_init_residual, bn_momentum, bn_epsilon, dtype, param_dtype: see the module
             docstring and the blocks. ``bn_momentum`` is flax's (0.9 = PyTorch's 0.1).
@@ -472,7 +403,6 @@ class ResNet(nn.Module):
     cardinality: int = 1
     base_width: int = 64
     grouped_conv: str = "auto"
-    max_pool: str = "auto"
     shortcut: bool = True
     variant: str = "d2l"
     zero_init_residual: bool = False
@@ -487,7 +417,6 @@ class ResNet(nn.Module):
         _check_choice("stem", self.stem, STEMS)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("grouped_conv", self.grouped_conv, GROUPED_CONVS)
-        _check_choice("max_pool", self.max_pool, MAX_POOLS)
         for option in ("num_classes", "width", "cardinality", "base_width"):
             _check_positive(option, getattr(self, option))
         if not self.arch or any(n <= 0 or c <= 0 for n, c in self.arch):
@@ -533,11 +462,8 @@ class ResNet(nn.Module):
         if not block_cls.preact:
             x = nn.relu(norm(name="bn1")(x))
         if self.stem == "imagenet":
-            # Both pad with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
-            if resolve_max_pool(self.max_pool) == "slices":
-                x = max_pool_slices(x, 3, 2, 1)
-            else:
-                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_padding(3))
+            # flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_padding(3))
 
         for i, ((num_residuals, _), c) in enumerate(zip(self.arch, channels, strict=True)):
             for j in range(num_residuals):
@@ -598,7 +524,7 @@ _MODELS: dict[str, Callable[..., ResNet]] = {
 
 _OPTIONS = (
     "variant", "stem", "width", "zero_init_residual", "bn_momentum", "bn_epsilon", "dtype",
-    "param_dtype", "max_pool",
+    "param_dtype",
 )
 _BOTTLENECK_OPTIONS = ("cardinality", "base_width", "grouped_conv")
 
@@ -625,8 +551,7 @@ def create_model(name: str, *, num_classes: int = 10, **options: Any) -> ResNet:
     """Builds a registered model (timm's convention), e.g. ``create_model("resnet50")``.
 
     Options: ``variant`` ("d2l" | "torchvision"), ``stem`` ("imagenet" | "small"), ``width``,
-    ``zero_init_residual``, ``bn_momentum``, ``bn_epsilon``, ``dtype``, ``param_dtype``,
-    ``max_pool`` (see the module docstring); bottleneck
+    ``zero_init_residual``, ``bn_momentum``, ``bn_epsilon``, ``dtype``, ``param_dtype``; bottleneck
     models also take ``grouped_conv`` (see the module docstring), ``cardinality`` and
     ``base_width``, the last two overriding the named ones, so any ResNeXt is a bottleneck model
     plus these two: ``create_model("resnet50", cardinality=32, base_width=4)`` is

@@ -36,12 +36,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from resnet_jax.cli import run_main  # noqa: E402
-from resnet_jax.models import (  # noqa: E402
-    GROUPED_CONVS,
-    MAX_POOLS,
-    STEMS,
-    resolve_max_pool,
-)
+from resnet_jax.models import GROUPED_CONVS, STEMS  # noqa: E402
 
 PROG = "benchmark.py"
 
@@ -146,9 +141,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grouped_conv", choices=GROUPED_CONVS, default="auto",
                         help="how grouped convs are computed (Config.grouped_conv): native, "
                              "split (one conv per group), auto (split on a CPU)")
-    parser.add_argument("--max_pool", choices=MAX_POOLS, default="auto",
-                        help="how the stem's max-pool is computed (Config.max_pool): "
-                             "reduce_window, slices, auto (reduce_window)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing each combination, trace one more dispatch with "
                              "jax.profiler into DIR/<combination> and print where the device "
@@ -193,7 +185,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "num_classes": args.num_classes or 10, "channels": args.channels or 1,
               "width": args.width or 64, "stem": args.stem, "cardinality": args.cardinality,
               "base_width": args.base_width, "grouped_conv": args.grouped_conv,
-              "max_pool": args.max_pool, "source_size": args.source_size or 28,
+              "source_size": args.source_size or 28,
               "train_examples": d["train_examples"], "eval_examples": d["eval_examples"]}
     # Cases differing only in steps per dispatch are adjacent: they share one state and one
     # jitted loop (the in-jit loop takes its step count as a traced value: one compilation).
@@ -211,7 +203,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
           + (f", cardinality {args.cardinality}" if args.cardinality else "")
           + (f", base width {args.base_width}" if args.base_width else "")
           + (f", {args.grouped_conv} grouped convs" if args.cardinality else "")
-          + f", {resolve_max_pool(args.max_pool)} max-pool"
           + f"; {d['steps']} steps x {d['repeats']} repeats", file=table, flush=True)
     print(benchmark.table_header(), file=table, flush=True)
     for result in benchmark.run_cases(cases, mesh, profile_dir=args.profile):

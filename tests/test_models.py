@@ -8,7 +8,6 @@ parameters.
 import functools
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -464,51 +463,6 @@ def test_grouped_conv_auto_splits_on_a_cpu_only():
     assert [models.resolve_grouped_conv(c) for c in ("native", "split")] == ["native", "split"]
 
 
-@pytest.mark.parametrize("window, stride, pad, size", [(3, 2, 1, 9), (3, 2, 1, 8), (2, 2, 0, 6),
-                                                     (3, 1, 1, 5)])
-def test_max_pool_slices_is_nn_max_pool_with_its_gradient(window, stride, pad, size):
-    rng = np.random.default_rng(size)
-    x = np.maximum(rng.normal(size=(2, size, size, 3)), 0.0)  # ReLU output: ties at 0
-    x[0, 2, 2, 0] = x[0, 2, 3, 0] = x[1, 1, 1, 2] = x[1, 2, 1, 2] = 5.0  # ties at a maximum
-    reference = functools.partial(nn.max_pool, window_shape=(window, window),
-                                  strides=(stride, stride), padding=((pad, pad), (pad, pad)))
-    with jax.enable_x64(True):
-        x = jnp.asarray(x, jnp.float64)
-        want, want_vjp = jax.vjp(reference, x)
-        got, got_vjp = jax.vjp(lambda x: models.max_pool_slices(x, window, stride, pad), x)
-        g = jnp.asarray(rng.normal(size=want.shape))
-        want_grad, got_grad = want_vjp(g)[0], got_vjp(g)[0]
-    np.testing.assert_array_equal(got, want)
-    # Each window's gradient goes to one input, the first maximum, as select_and_scatter's; an
-    # input in several windows sums theirs in another order (rounding only).
-    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-13, atol=1e-13)
-    assert np.count_nonzero(got_grad) == np.count_nonzero(want_grad)
-
-
-def test_max_pool_choices_give_one_network():
-    nets = {impl: models.create_model("resnet18", width=8, max_pool=impl,
-                                      dtype=jnp.float64, param_dtype=jnp.float64)
-            for impl in ("reduce_window", "slices")}
-
-    def loss(net, variables, x):
-        logits, _ = net.apply(variables, x, train=True, mutable=["batch_stats"])
-        return jnp.mean(logits**2)
-
-    with jax.enable_x64(True):
-        x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 32, 32, 1)))
-        variables = nets["slices"].init(jax.random.key(0), x, train=False)
-        results = {i: jax.jit(jax.value_and_grad(functools.partial(loss, net)))(variables, x)
-                   for i, net in nets.items()}
-        jaxprs = {i: str(jax.make_jaxpr(functools.partial(loss, net))(variables, x))
-                  for i, net in nets.items()}
-    chex.assert_trees_all_close(results["slices"], results["reduce_window"], rtol=1e-9,
-                                atol=1e-12)
-    assert "reduce_window_max" in jaxprs["reduce_window"]
-    assert "reduce_window_max" not in jaxprs["slices"]
-    assert [models.resolve_max_pool(c) for c in models.MAX_POOLS] == [
-        "reduce_window", "reduce_window", "slices"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Pre-activation: BN -> ReLU -> conv, numerically
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +528,6 @@ def test_preact_network_stem_first_stage_and_head_by_hand():
         ("resnet18", {"width": 0}, r"width=0 .*positive integer"),
         ("resnext50_32x4d", {"cardinality": -1}, r"cardinality=-1 .*positive integer"),
         ("resnet50", {"grouped_conv": "fast"}, r"grouped_conv='fast' .*valid values: auto, nat"),
-        ("resnet18", {"max_pool": "avg"}, r"max_pool='avg' .*valid values: auto, reduce_window"),
         ("resnet18", {"grouped_conv": "split"}, r"unknown option\(s\) grouped_conv"),
     ],
 )
