@@ -18,6 +18,7 @@ import gc
 import gzip
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -391,10 +392,13 @@ def _profile_train(group: _Group, case: Case, trace_dir: Path) -> dict:
             **device_time_by_op(trace_dir, steps=case.steps_per_dispatch)}
 
 
-def _op_kind(op: str) -> str:
-    # XLA names instructions "<kind>.<n>" ("cudnn-conv-bw-filter.3", "loop_add_fusion.12").
-    head, _, tail = op.rpartition(".")
-    return head if head and tail.isdigit() else op
+def _op_kind(op: str, kernel: str) -> str:
+    """The kind of the XLA instruction `op` that launched `kernel`: its name without the number
+    ("cudnn-conv-bw-filter.3" -> "cudnn-conv-bw-filter"). Kernels replayed from a CUDA graph
+    all name their graph's instruction ("command_buffer_12"); the kernel's own name, a fusion's
+    ("loop_add_fusion_3"), says more."""
+    name = kernel if op.startswith("command_buffer") else op
+    return re.sub(r"[._]\d+$", "", name)
 
 
 def device_time_by_op(trace_dir: str | Path, steps: int = 1, top: int = 12) -> dict:
@@ -431,7 +435,7 @@ def device_time_by_op(trace_dir: str | Path, steps: int = 1, top: int = 12) -> d
                 continue
         elif "hlo_op" not in args:
             continue
-        kind = _op_kind(args.get("hlo_op", e["name"]))
+        kind = _op_kind(args.get("hlo_op", e["name"]), e["name"])
         row = kinds.setdefault(kind, {"kind": kind, "us": 0.0, "count": 0})
         row["us"] += float(e.get("dur", 0.0))
         row["count"] += 1

@@ -4,6 +4,7 @@ No timing is asserted: the CPU is shared and slow. What is checked is that every
 exists and is sane, and that bad flags are one line with exit status 2.
 """
 
+import gzip
 import json
 import os
 import subprocess
@@ -72,6 +73,44 @@ def test_profile_says_where_the_step_time_goes(tmp_path):
     # A ResNet-18 step is mostly its convolutions, forward and backward: one is among the top.
     assert any("conv" in kind for kind in kinds)
     assert "# profile resnet18_fp32_b8_spd2: device " in out.stderr
+
+
+def test_device_time_by_op_reads_a_gpu_trace(tmp_path):
+    # The shape of a jax.profiler trace on a GPU (jax 0.11, H200): kernels on the device's
+    # stream threads name the XLA instruction that launched them; a CUDA graph's kernels all
+    # name the graph. Derived lines ("XLA Ops") and host threads must not count.
+    from resnet_jax.benchmark import device_time_by_op
+
+    def meta(pid, kind, name, tid=None):
+        return {"ph": "M", "pid": pid, "tid": tid, "name": kind, "args": {"name": name}}
+
+    def kernel(tid, name, op, dur, pid=1):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": name,
+                "args": {"hlo_op": op}}
+
+    events = [
+        meta(1, "process_name", "/device:GPU:0"), meta(701, "process_name", "/host:CPU"),
+        meta(1, "thread_name", "Stream #14(Compute)", 14), meta(1, "thread_name", "XLA Ops", 9),
+        kernel(14, "sm90_xmma_wgrad", "cudnn-conv-bw-filter.3", 60.0),
+        kernel(14, "sm90_xmma_wgrad", "cudnn-conv-bw-filter.17", 100.0),
+        kernel(14, "loop_add_fusion_3", "command_buffer_5", 30.0),
+        kernel(14, "loop_add_fusion_12", "command_buffer_8", 10.0),
+        kernel(9, "cudnn-conv-bw-filter.3", "cudnn-conv-bw-filter.3", 60.0),  # derived line
+        kernel(3, "cudnn-conv-bw-filter.3", "cudnn-conv-bw-filter.3", 500.0, pid=701),  # host
+    ]
+    folder = tmp_path / "plugins" / "profile" / "2026_11_27"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "host.trace.json.gz", "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+
+    profile = device_time_by_op(tmp_path, steps=2)
+    assert profile["device_ms_per_step"] == pytest.approx(0.1)  # 200 us over 2 steps
+    assert profile["kinds"] == [
+        {"kind": "cudnn-conv-bw-filter", "ms_per_step": pytest.approx(0.08),
+         "share": pytest.approx(0.8), "count": 1.0},
+        {"kind": "loop_add_fusion", "ms_per_step": pytest.approx(0.02),
+         "share": pytest.approx(0.2), "count": 1.0},
+    ]
 
 
 @pytest.mark.parametrize("args, expected", [
