@@ -68,7 +68,7 @@ for seed in ${SEEDS:-0 1 2}; do
   start=$(date +%s.%N)
   JAX_LOG_COMPILES=1 python3 scripts/train.py --arch=resnet18 --data_dir="$DATA" \
     --workdir=/tmp/gpu_default$seed --seed="$seed" --compilation_cache="$CACHE" "${E2E[@]}" \
-    2>&1 | stamp "$start" | grep -v "Finished tracing\|Finished jaxpr\|Compiling jit" \
+    2>&1 | stamp "$start" | grep --line-buffered -v "Finished tracing\|Finished jaxpr\|Compiling jit" \
     | tee "$OUT/default$seed.log" | grep -v "WARNING"
   python3 -c "print('wall_s', round($(date +%s.%N) - $start, 1))" | tee -a "$OUT/default$seed.log"
   cp /tmp/gpu_default$seed/metrics.jsonl "$OUT/default${seed}_metrics.jsonl"
@@ -85,26 +85,30 @@ python3 scripts/benchmark.py --arch resnet18 "${B1024[@]}" --precision bf16 \
   --steps_per_dispatch 50 "${BENCH[@]}" --json > "$OUT/bench_b1024.jsonl"
 fi
 
-# 2b. What may cut the step's time at batch 128 (many small kernels per step): the stem's
-# max-pool as fused slices instead of select_and_scatter (--max_pool), command buffers (CUDA
-# graphs) over more op kinds, and the autotuner's level (compile time). TUNE_B1024 variants are
-# also measured at batch 1024.
+# 2b. XLA flags that may cut the step's time, each against the baseline. Measured on an H200
+# (benchmarks.md): command buffers over WHILE/CONDITIONAL/CUDNN too gained nothing, autotune
+# level 0 did not finish compiling within 150 s, and the stem max-pool as fused slices was
+# slower. Now: what the default command buffers (CUDA graphs) give, by turning them off.
+# TUNE_DEEP variants are also measured at batch 1024 and profiled (device time by XLA
+# instruction kind, in the JSON; the baseline's fp32 trace is kept).
 if part tune; then
-  for variant in "baseline||" "slices||--max_pool slices" \
-      "slices_cmdbuf|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL|--max_pool slices" \
-      "slices_autotune0|--xla_gpu_autotune_level=0|--max_pool slices"; do
+  for variant in "baseline||" "cmdbuf_off|--xla_gpu_enable_command_buffer=|"; do
     IFS='|' read -r name flags extra <<< "$variant"
+    deep=0; [[ " ${TUNE_DEEP:-baseline} " == *" $name "* ]] && deep=1
+    [ $deep = 1 ] && extra="$extra --profile /tmp/gpu_profile/$name"
     log "tune $name: XLA_FLAGS=$flags $extra"
-    XLA_FLAGS="$flags" timeout 240 python3 scripts/benchmark.py --arch resnet18 "${B128[@]}" \
+    XLA_FLAGS="$flags" timeout 150 python3 scripts/benchmark.py --arch resnet18 "${B128[@]}" \
       --precision fp32 bf16 --steps_per_dispatch 50 "${BENCH[@]}" $extra --json \
       > "$OUT/tune_$name.jsonl" 2> "$OUT/tune_$name.err" \
       || echo "tune $name failed: $(tail -n 3 "$OUT/tune_$name.err")" | tee -a "$OUT/session.log"
-    [[ " ${TUNE_B1024:-baseline slices} " == *" $name "* ]] || continue
-    XLA_FLAGS="$flags" timeout 240 python3 scripts/benchmark.py --arch resnet18 "${B1024[@]}" \
+    [ $deep = 1 ] || continue
+    XLA_FLAGS="$flags" timeout 150 python3 scripts/benchmark.py --arch resnet18 "${B1024[@]}" \
       --precision bf16 --steps_per_dispatch 50 "${BENCH[@]}" $extra --json \
       >> "$OUT/tune_$name.jsonl" 2>> "$OUT/tune_$name.err" \
       || echo "tune $name b1024 failed: $(tail -n 3 "$OUT/tune_$name.err")" | tee -a "$OUT/session.log"
   done
+  find /tmp/gpu_profile/baseline -path "*fp32_b*spd50*" -name "*.trace.json.gz" -size -8M \
+    -exec cp {} "$OUT/profile_baseline_fp32.trace.json.gz" \; -quit 2>/dev/null
 fi
 
 # 2c. ResNeXt's grouped convs (experiment 5's question, issue 7): cuDNN's grouped kernels
