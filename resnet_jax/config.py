@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import GROUPED_CONVS, STEMS  # one list of choices for models and flags
+from resnet_jax.models import (  # one list of choices for models and flags
+    GROUPED_CONVS,
+    STEM_CONVS,
+    STEMS,
+)
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -114,6 +118,10 @@ class Config:
                            "split (one convolution per group: ResNeXt trains 3-12x faster on "
                            "XLA:CPU), auto (split on a CPU, native elsewhere)",
                            choices=GROUPED_CONVS)
+    stem_conv: str = _f("direct", "how the imagenet stem's 7x7/2 conv is computed, with the same "
+                        "parameters and results: direct, or space_to_depth (a 4x4/1 conv on "
+                        "2x2 pixel blocks stacked as channels, avoiding one-channel conv "
+                        "kernels)", choices=STEM_CONVS)
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
     train_examples: int | None = _f(None, "use only the first N training examples (quick runs)")
     max_steps: int | None = _f(None, "stop after this many steps in total, then evaluate and "
@@ -152,7 +160,7 @@ def validate(config: Config) -> Config:
         raise UserError(f"unknown --dataset {config.dataset!r}; valid: {', '.join(data.DATASETS)}")
     for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                           ("precision", PRECISIONS), ("stem", STEMS),
-                          ("grouped_conv", GROUPED_CONVS)):
+                          ("grouped_conv", GROUPED_CONVS), ("stem_conv", STEM_CONVS)):
         if getattr(config, name) not in choices:
             raise UserError(f"unknown --{name} {getattr(config, name)!r}; valid: "
                             f"{', '.join(choices)}")

@@ -277,7 +277,7 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
     try:
         return models.create_model(config.arch, num_classes=num_classes,
                                    dtype=compute_dtype(config), stem=config.stem,
-                                   width=config.width,
+                                   width=config.width, stem_conv=config.stem_conv,
                                    zero_init_residual=config.zero_init_residual, **grouping)
     except ValueError as e:
         raise UserError(str(e)) from None

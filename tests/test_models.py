@@ -463,6 +463,54 @@ def test_grouped_conv_auto_splits_on_a_cpu_only():
     assert [models.resolve_grouped_conv(c) for c in ("native", "split")] == ["native", "split"]
 
 
+@pytest.mark.parametrize("size, channels, kernel, padding", [
+    ((96, 96), 1, 7, ((3, 3), (3, 3))),  # the chapter's stem
+    ((28, 28), 1, 7, ((3, 3), (3, 3))),
+    ((29, 30), 3, 7, ((3, 3), (3, 3))),  # odd and even sides
+    ((9, 8), 2, 4, ((1, 2), (0, 1))),  # even kernel, uneven padding
+    ((10, 10), 1, 1, ((0, 0), (0, 0))),
+])
+def test_conv_space_to_depth_is_the_strided_conv_with_its_gradients(size, channels, kernel,
+                                                                     padding):
+    rng = np.random.default_rng(kernel)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv_fn, x, k):
+        y = conv_fn(x, k, (2, 2), padding, dimension_numbers=dn, precision=HIGHEST)
+        return jnp.sum(jnp.sin(y)), y
+
+    with jax.enable_x64(True):  # float64: equal up to the order of the sums
+        x = jnp.asarray(rng.normal(size=(2, *size, channels)))
+        k = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 5)))
+        (_, want), want_grads = jax.value_and_grad(
+            functools.partial(loss, lax.conv_general_dilated), (0, 1), has_aux=True)(x, k)
+        (_, got), got_grads = jax.value_and_grad(
+            functools.partial(loss, models.conv_space_to_depth), (0, 1), has_aux=True)(x, k)
+        jaxpr = str(jax.make_jaxpr(functools.partial(loss, models.conv_space_to_depth))(x, k))
+    chex.assert_trees_all_close((got, got_grads), (want, want_grads), rtol=1e-12, atol=1e-11)
+    assert "window_strides=(1, 1)" in jaxpr and "window_strides=(2, 2)" not in jaxpr
+
+
+def test_space_to_depth_stem_gives_the_same_network():
+    f64 = {"dtype": jnp.float64, "param_dtype": jnp.float64}
+    nets = {impl: models.create_model("resnet18", width=8, stem_conv=impl, **f64)
+            for impl in models.STEM_CONVS}
+
+    def loss(net, variables, x):
+        logits, _ = net.apply(variables, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(logits**2)
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 32, 32, 1)))
+        inits = {i: net.init(jax.random.key(0), x, train=False) for i, net in nets.items()}
+        chex.assert_trees_all_equal(inits["direct"], inits["space_to_depth"])
+        results = {i: jax.jit(jax.value_and_grad(functools.partial(loss, net)))(inits["direct"],
+                                                                                  x)
+                   for i, net in nets.items()}
+    chex.assert_trees_all_close(results["space_to_depth"], results["direct"], rtol=1e-9,
+                                atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-activation: BN -> ReLU -> conv, numerically
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +576,9 @@ def test_preact_network_stem_first_stage_and_head_by_hand():
         ("resnet18", {"width": 0}, r"width=0 .*positive integer"),
         ("resnext50_32x4d", {"cardinality": -1}, r"cardinality=-1 .*positive integer"),
         ("resnet50", {"grouped_conv": "fast"}, r"grouped_conv='fast' .*valid values: auto, nat"),
+        ("resnet18", {"stem_conv": "fft"}, r"stem_conv='fft' .*valid values: direct, space_to"),
+        ("resnet18", {"stem_conv": "space_to_depth", "stem": "small"},
+         r"stem_conv='space_to_depth' applies to the imagenet stem only"),
         ("resnet18", {"grouped_conv": "split"}, r"unknown option\(s\) grouped_conv"),
     ],
 )
