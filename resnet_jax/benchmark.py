@@ -128,6 +128,7 @@ class Case:
     cardinality: int | None = None  # None: the arch's own (Config.cardinality)
     base_width: int | None = None
     grouped_conv: str = "auto"
+    stem_conv: str = "direct"
     source_size: int = 28
     train_examples: int = 60_000
     eval_examples: int = 10_000
@@ -138,7 +139,7 @@ class Case:
         return Config(arch=self.arch, batch_size=self.batch_size, precision=self.precision,
                       image_size=self.image_size, width=self.width, stem=self.stem,
                       cardinality=self.cardinality, base_width=self.base_width,
-                      grouped_conv=self.grouped_conv,
+                      grouped_conv=self.grouped_conv, stem_conv=self.stem_conv,
                       steps_per_dispatch=self.steps_per_dispatch, seed=self.seed)
 
     @property
@@ -146,7 +147,7 @@ class Case:
         """Cases that share a compiled program (they differ only in steps per dispatch)."""
         return (self.arch, self.batch_size, self.precision, self.image_size, self.num_classes,
                 self.channels, self.width, self.stem, self.cardinality, self.base_width,
-                self.grouped_conv, self.source_size, self.seed)
+                self.grouped_conv, self.stem_conv, self.source_size, self.seed)
 
 
 def check_case(case: Case, mesh: Mesh) -> None:
@@ -202,7 +203,7 @@ def train_step_flops(case: Case) -> float | None:
     a jax version need the compile fallback below, that compile happens once, not per batch.
     """
     key = (case.arch, case.precision, case.image_size, case.num_classes, case.channels,
-           case.width, case.stem, case.source_size)
+           case.width, case.stem, case.cardinality, case.base_width, case.source_size)
     if key not in _TRAIN_FLOPS_CACHE:
         _TRAIN_FLOPS_CACHE[key] = _count_train_step_flops(case)
     return _TRAIN_FLOPS_CACHE[key]
@@ -219,7 +220,8 @@ def _count_train_step_flops(case: Case) -> float | None:
     """
     cpu = _cpu_device()
     mesh = train_lib.make_mesh([cpu] if cpu is not None else None)
-    config = case.config()
+    # The model's FLOPs: a space-to-depth stem multiplies by its kernel's zero padding too.
+    config = case.config().replace(stem_conv="direct")
     model = train_lib.build_model(config, case.num_classes)
     tx = create_optimizer(config, max(1, case.train_examples // case.batch_size))
     _, abstract = train_lib._initializer(config, model, tx, case.channels, mesh)
@@ -253,9 +255,11 @@ _FORWARD_CACHE: dict[tuple, dict] = {}
 def forward_flops(case: Case) -> dict[str, Any]:
     """`models.model_flops` (forward FLOPs per image and parameters) of the case's model, cached
     per model and input shape: the count depends on neither the backend nor the precision."""
-    key = (case.arch, case.num_classes, case.width, case.stem, case.image_size, case.channels)
+    key = (case.arch, case.num_classes, case.width, case.stem, case.cardinality, case.base_width,
+           case.image_size, case.channels)
     if key not in _FORWARD_CACHE:
-        model = train_lib.build_model(case.config().replace(precision="fp32"), case.num_classes)
+        model = train_lib.build_model(case.config().replace(precision="fp32", stem_conv="direct"),
+                                      case.num_classes)
         shape = (1, case.image_size, case.image_size, case.channels)
         _FORWARD_CACHE[key] = models.model_flops(model, shape)
     return _FORWARD_CACHE[key]

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from resnet_jax.cli import run_main  # noqa: E402
-from resnet_jax.models import GROUPED_CONVS, STEMS  # noqa: E402
+from resnet_jax.models import GROUPED_CONVS, STEM_CONVS, STEMS  # noqa: E402
 
 PROG = "benchmark.py"
 
@@ -145,6 +145,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="after timing each combination, trace one more dispatch with "
                              "jax.profiler into DIR/<combination> and print where the device "
                              "time of a step goes, by XLA instruction kind")
+    parser.add_argument("--stem_conv", choices=STEM_CONVS, default="direct",
+                        help="how the imagenet stem's 7x7/2 conv is computed (Config.stem_conv): "
+                             "direct, or space_to_depth")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per combination on stdout; the table then "
                              "goes to stderr")
@@ -185,7 +188,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "num_classes": args.num_classes or 10, "channels": args.channels or 1,
               "width": args.width or 64, "stem": args.stem, "cardinality": args.cardinality,
               "base_width": args.base_width, "grouped_conv": args.grouped_conv,
-              "source_size": args.source_size or 28,
+              "stem_conv": args.stem_conv, "source_size": args.source_size or 28,
               "train_examples": d["train_examples"], "eval_examples": d["eval_examples"]}
     # Cases differing only in steps per dispatch are adjacent: they share one state and one
     # jitted loop (the in-jit loop takes its step count as a traced value: one compilation).
@@ -203,6 +206,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           + (f", cardinality {args.cardinality}" if args.cardinality else "")
           + (f", base width {args.base_width}" if args.base_width else "")
           + (f", {args.grouped_conv} grouped convs" if args.cardinality else "")
+          + (f", {args.stem_conv} stem conv" if args.stem_conv != "direct" else "")
           + f"; {d['steps']} steps x {d['repeats']} repeats", file=table, flush=True)
     print(benchmark.table_header(), file=table, flush=True)
     for result in benchmark.run_cases(cases, mesh, profile_dir=args.profile):

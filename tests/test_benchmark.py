@@ -61,9 +61,10 @@ def test_benchmark_json_fields_are_sane():
 def test_profile_says_where_the_step_time_goes(tmp_path):
     out = _run(*TINY, "--steps", "2", "--repeats", "1", "--steps_per_dispatch", "2",
                "--train_examples", "64", "--eval_examples", "16", "--profile", str(tmp_path),
-               "--json")
+               "--stem_conv", "space_to_depth", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     (result,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert result["stem_conv"] == "space_to_depth" and "space_to_depth stem conv" in out.stderr
     profile = result["profile"]
     assert Path(profile["trace_dir"]) == tmp_path / "resnet18_fp32_b8_spd2"
     assert list(Path(profile["trace_dir"]).glob("plugins/profile/*/*.trace.json.gz"))
