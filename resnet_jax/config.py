@@ -176,6 +176,8 @@ def validate(config: Config) -> Config:
             raise UserError(f"--{name} must be positive, got {value}")
     if config.steps_per_dispatch < 0:
         raise UserError(f"--steps_per_dispatch must be >= 0, got {config.steps_per_dispatch}")
+    if not 0 <= config.seed < 2**31:  # an int32 inside the programs (JAX would wrap larger ones)
+        raise UserError(f"--seed must be in [0, {2**31 - 1}], got {config.seed}")
     if config.weight_decay < 0 or config.warmup_epochs < 0 or config.momentum < 0:
         raise UserError("--weight_decay, --warmup_epochs and --momentum must be >= 0")
     if not 0 <= config.random_erasing <= 1:

@@ -60,18 +60,22 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
 
 def test_compilation_cache_serves_a_second_run(run_train, tmp_path):
     # A second run of the same programs (another workdir) reads them from the cache and
-    # trains to the same bits; `off` keeps the cache out.
+    # trains to the same bits; `off` keeps the cache out. Another seed (with augmentation,
+    # whose key depends on it) runs the same programs too: the seed is an argument of each.
     cache = tmp_path / "xla"
     env = {"JAX_LOG_COMPILES": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    runs = [run_train(f"--workdir={tmp_path / name}", *TINY, "--max_steps=2",
-                      f"--compilation_cache={where}", env=env)
-            for name, where in (("a", cache), ("b", cache), ("c", "off"))]
+    runs = [run_train(f"--workdir={tmp_path / name}", *TINY, "--max_steps=2", "--augment",
+                      f"--compilation_cache={where}", f"--seed={seed}", env=env)
+            for name, where, seed in (("a", cache, 0), ("b", cache, 0), ("c", "off", 0),
+                                      ("d", cache, 1))]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert any(cache.iterdir())
-    hit = "Persistent compilation cache hit for 'jit_single'"
-    assert hit not in runs[0].stderr and hit in runs[1].stderr
+    programs = ("jit_single", "jit_fresh", "jit_epoch_permutation")
+    for program in programs:
+        hit = f"Persistent compilation cache hit for '{program}'"
+        assert hit not in runs[0].stderr and hit in runs[1].stderr and hit in runs[3].stderr
     assert "Persistent compilation cache" not in runs[2].stderr
-    metrics = [(tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1] for name in "abc"]
+    metrics = [(tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1] for name in "abcd"]
     loads = [{k: v for k, v in json.loads(m).items() if "time" not in k and "per_sec" not in k}
              for m in metrics]
-    assert loads[0] == loads[1] == loads[2]
+    assert loads[0] == loads[1] == loads[2] != loads[3]
