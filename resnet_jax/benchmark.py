@@ -392,7 +392,7 @@ def _profile_train(group: _Group, case: Case, trace_dir: Path) -> dict:
     with `device_time_by_op`."""
     with jax.profiler.trace(str(trace_dir)):
         jax.block_until_ready((_train_chunk(group, case, 0), group.state))
-    return {"trace_dir": str(trace_dir),
+    return {"case": case_name(case), "trace_dir": str(trace_dir),
             **device_time_by_op(trace_dir, steps=case.steps_per_dispatch)}
 
 
@@ -456,8 +456,8 @@ def profile_line(r: dict) -> str:
     p = r["profile"]
     top = ", ".join(f"{k['kind']} {k['ms_per_step']:.3f} ({100 * k['share']:.0f}%)"
                     for k in p["kinds"][:6])
-    return (f"# profile {case_name(Case(**{f.name: r[f.name] for f in dataclasses.fields(Case)}))}"
-            f": device {p['device_ms_per_step']:.3f} ms/step of {r['step_time_ms']:.3f}; "
+    return (f"# profile {p['case']}: device {p['device_ms_per_step']:.3f} ms/step of "
+            f"{r['step_time_ms']:.3f}; "
             f"{top} (trace: {p['trace_dir']})")
 
 
