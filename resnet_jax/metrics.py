@@ -47,6 +47,24 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     os.replace(tmp, path)
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without importing torch.
+
+    tensorboardX imports torch, where it is installed, only to recognise torch tensors; this
+    writer is given Python floats. Importing torch (and its CUDA libraries) would stall training
+    at the first epoch's end on a machine that has torch, as GPU machines often do.
+    """
+    if "torch" in sys.modules:  # Already imported by the caller: nothing to save.
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes each epoch's record to metrics.jsonl, TensorBoard and curves.png."""
 
@@ -74,9 +92,7 @@ class MetricsWriter:
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = _summary_writer_class()(str(self.workdir / "tensorboard"))
         for key, value in record.items():
             if key not in ("epoch", "step") and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, record["step"])
