@@ -128,7 +128,7 @@ class Case:
     cardinality: int | None = None  # None: the arch's own (Config.cardinality)
     base_width: int | None = None
     grouped_conv: str = "auto"
-    stem_conv: str = "direct"
+    stem_conv: str = "auto"
     source_size: int = 28
     train_examples: int = 60_000
     eval_examples: int = 10_000

@@ -23,9 +23,12 @@ parameters and the same function (``grouped_conv``): ``"native"``, one XLA convo
 runs the native form many times slower (see :func:`conv_per_group`); ``"auto"`` (default) picks
 ``"split"`` on a CPU backend and ``"native"`` elsewhere (cuDNN implements groups itself).
 
-The 7x7/2 stem conv likewise (``stem_conv``): ``"direct"`` (default), or ``"space_to_depth"``
+The 7x7/2 stem conv likewise (``stem_conv``): ``"direct"``, or ``"space_to_depth"``
 (:func:`conv_space_to_depth`: the same parameters and function as a 4x4/1 conv on 2x2 blocks
-of pixels stacked as channels, which avoids cuDNN's kernels for one input channel).
+of pixels stacked as channels, which avoids cuDNN's kernels for one input channel). ``"auto"``
+(default) is ``"space_to_depth"`` for the imagenet stem and ``"direct"`` for the small stem's
+stride-1 conv: on an H200 it trained the chapter's ResNet-18 2.4% (fp32, batch 128), 4.9% (bf16,
+128) and 12% (bf16, 1024) faster than the direct conv; on XLA:CPU the two are as fast.
 
 Mixed precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Batch-norm
 statistics are reduced and stored in float32 (flax's ``force_float32_reductions``), and the logits
@@ -50,7 +53,7 @@ VARIANTS = ("d2l", "torchvision")
 STEMS = ("imagenet", "small")
 BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
 GROUPED_CONVS = ("auto", "native", "split")
-STEM_CONVS = ("direct", "space_to_depth")
+STEM_CONVS = ("auto", "direct", "space_to_depth")
 
 # He et al.'s init (kaiming_normal_, fan_out), which torchvision's ResNets apply explicitly.
 _he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -457,7 +460,7 @@ class ResNet(nn.Module):
     cardinality: int = 1
     base_width: int = 64
     grouped_conv: str = "auto"
-    stem_conv: str = "direct"
+    stem_conv: str = "auto"
     shortcut: bool = True
     variant: str = "d2l"
     zero_init_residual: bool = False
@@ -473,7 +476,7 @@ class ResNet(nn.Module):
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("grouped_conv", self.grouped_conv, GROUPED_CONVS)
         _check_choice("stem_conv", self.stem_conv, STEM_CONVS)
-        if self.stem_conv != "direct" and self.stem != "imagenet":
+        if self.stem_conv == "space_to_depth" and self.stem != "imagenet":
             raise ValueError(f"stem_conv={self.stem_conv!r} applies to the imagenet stem only")
         for option in ("num_classes", "width", "cardinality", "base_width"):
             _check_positive(option, getattr(self, option))
@@ -516,7 +519,8 @@ class ResNet(nn.Module):
             channels[0], (kernel, kernel), strides=(strides, strides), padding=_padding(kernel),
             use_bias=self.variant == "d2l", kernel_init=_conv_init(self.variant), dtype=self.dtype,
             param_dtype=self.param_dtype, name="conv1",
-            conv_general_dilated=(conv_space_to_depth if self.stem_conv == "space_to_depth"
+            conv_general_dilated=(conv_space_to_depth
+                                  if self.stem == "imagenet" and self.stem_conv != "direct"
                                   else None),
         )(x)
         if not block_cls.preact:

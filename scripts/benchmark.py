@@ -145,9 +145,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="after timing each combination, trace one more dispatch with "
                              "jax.profiler into DIR/<combination> and print where the device "
                              "time of a step goes, by XLA instruction kind")
-    parser.add_argument("--stem_conv", choices=STEM_CONVS, default="direct",
+    parser.add_argument("--stem_conv", choices=STEM_CONVS, default="auto",
                         help="how the imagenet stem's 7x7/2 conv is computed (Config.stem_conv): "
-                             "direct, or space_to_depth")
+                             "auto (default), direct or space_to_depth")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per combination on stdout; the table then "
                              "goes to stderr")
@@ -206,7 +206,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
           + (f", cardinality {args.cardinality}" if args.cardinality else "")
           + (f", base width {args.base_width}" if args.base_width else "")
           + (f", {args.grouped_conv} grouped convs" if args.cardinality else "")
-          + (f", {args.stem_conv} stem conv" if args.stem_conv != "direct" else "")
+          + (f", {args.stem_conv} stem conv" if args.stem_conv != "auto" else "")
           + f"; {d['steps']} steps x {d['repeats']} repeats", file=table, flush=True)
     print(benchmark.table_header(), file=table, flush=True)
     for result in benchmark.run_cases(cases, mesh, profile_dir=args.profile):

@@ -71,7 +71,7 @@ def test_bad_flags_are_one_line_with_status_2(argv, message, capsys):
     ({"grouped_conv": "fast"}, "unknown --grouped_conv 'fast'; valid: auto, native, split"),
     ({"seed": -1}, "--seed must be in [0, 2147483647], got -1"),
     ({"seed": 2**31}, "--seed must be in [0, 2147483647], got 2147483648"),
-    ({"stem_conv": "fft"}, "unknown --stem_conv 'fft'; valid: direct, space_to_depth"),
+    ({"stem_conv": "fft"}, "unknown --stem_conv 'fft'; valid: auto, direct, space_to_depth"),
     ({"epochs": 0}, "--epochs must be positive, got 0"),
     ({"batch_size": -1}, "--batch_size must be positive, got -1"),
     ({"learning_rate": 0.0}, "--learning_rate must be positive, got 0.0"),

@@ -511,6 +511,19 @@ def test_space_to_depth_stem_gives_the_same_network():
                                 atol=1e-12)
 
 
+@pytest.mark.parametrize("stem, strided_convs_saved", [("imagenet", 1), ("small", 0)])
+def test_auto_stem_conv_is_space_to_depth_for_the_imagenet_stem_only(stem, strided_convs_saved):
+    def strided_convs(stem_conv):
+        net = models.create_model("resnet18", width=8, stem=stem, stem_conv=stem_conv)
+        x = jnp.zeros((2, 32, 32, 1))
+        jaxpr = str(jax.make_jaxpr(lambda x: net.init_with_output(jax.random.key(0), x,
+                                                                  train=False)[0])(x))
+        return jaxpr.count("window_strides=(2, 2)")
+
+    assert models.create_model("resnet18").stem_conv == "auto"
+    assert strided_convs("direct") - strided_convs("auto") == strided_convs_saved
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-activation: BN -> ReLU -> conv, numerically
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +589,7 @@ def test_preact_network_stem_first_stage_and_head_by_hand():
         ("resnet18", {"width": 0}, r"width=0 .*positive integer"),
         ("resnext50_32x4d", {"cardinality": -1}, r"cardinality=-1 .*positive integer"),
         ("resnet50", {"grouped_conv": "fast"}, r"grouped_conv='fast' .*valid values: auto, nat"),
-        ("resnet18", {"stem_conv": "fft"}, r"stem_conv='fft' .*valid values: direct, space_to"),
+        ("resnet18", {"stem_conv": "fft"}, r"stem_conv='fft' .*valid values: auto, direct, sp"),
         ("resnet18", {"stem_conv": "space_to_depth", "stem": "small"},
          r"stem_conv='space_to_depth' applies to the imagenet stem only"),
         ("resnet18", {"grouped_conv": "split"}, r"unknown option\(s\) grouped_conv"),
