@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,14 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
             return unrolled(state, accum, data, perm, start, np.int32(seed))
         return looped(state, accum, data, perm, start, num_steps, np.int32(seed))
 
+    def lower(state, accum, data, perm, num_steps: int) -> jax.stages.Lowered:
+        """The program `run` dispatches for chunks of `num_steps` (arrays may be abstract)."""
+        scalar = jax.ShapeDtypeStruct((), np.int32)
+        if num_steps == 1:
+            return unrolled.lower(state, accum, data, perm, scalar, scalar)
+        return looped.lower(state, accum, data, perm, scalar, scalar, scalar)
+
+    run.lower = lower
     return run
 
 
@@ -376,17 +385,24 @@ def _initializer(config: Config, model: nn.Module, tx: optax.GradientTransformat
         return {"state": create_train_state(model, tx, init_rng, input_shape).arrays(),
                 "accum": empty_accum()}
 
-    def init():
-        # XLA compiles the partitionable threefry (JAX's default) about 3x slower, and a
-        # replicated state gains nothing from it: jit(init) of ResNet-18 (width 8) took 6.1 s
-        # to compile on this CPU, 1.9 s without it. The flag must hold while jit traces and
-        # lowers, which both happen inside this call.
-        with jax.threefry_partitionable(False):
-            return jax.jit(fresh, out_shardings=replicated)(np.int32(config.seed))
+    # XLA compiles the partitionable threefry (JAX's default) about 3x slower, and a
+    # replicated state gains nothing from it: jit(init) of ResNet-18 (width 8) took 6.1 s to
+    # compile on this CPU, 1.9 s without it. The flag must hold while jit traces and lowers.
+    # Traced once: the trace gives the abstract tree a restore needs, and the program.
+    seed = jax.ShapeDtypeStruct((), np.int32)
+    with jax.threefry_partitionable(False):
+        traced = jax.jit(fresh, out_shardings=replicated).trace(seed)
 
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                            jax.eval_shape(fresh, np.int32(config.seed)))
-    return init, abstract
+    def init():
+        with jax.threefry_partitionable(False):
+            return traced.lower().compile()(np.int32(config.seed))
+
+    return init, jax.tree.map(_abstract(replicated), traced.out_info)
+
+
+def _abstract(sharding: NamedSharding) -> Callable[[Any], jax.ShapeDtypeStruct]:
+    """x -> the ShapeDtypeStruct of x placed with `sharding` (for lowering ahead of time)."""
+    return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def load_config(workdir: str | Path) -> Config:
@@ -466,6 +482,10 @@ def use_compilation_cache(setting: str) -> Path | None:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         setting = str(Path(base) / "resnet_jax" / "xla")
     jax.config.update("jax_compilation_cache_dir", setting)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        # JAX caches only programs that took >= 1 s to compile; on an H200 the eval and
+        # data-order programs took 0.5-0.9 s each, every run.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return Path(setting)
 
 
@@ -515,116 +535,141 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
     tx = create_optimizer(config, steps_per_epoch)
     replicated = NamedSharding(mesh, P())
     init, abstract = _initializer(config, model, tx, spec.image_shape[-1], mesh)
-    checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-    restored = checkpointer.restore(abstract)
-    if restored is None:
-        tree, history = init(), []
-    else:
-        tree, history = restored.tree, restored.meta.get("history", [])
-        if is_main:
-            print(f"resuming from {checkpointer.directory / str(restored.step)} "
-                  f"(step {restored.step})", flush=True)
-    # A record of a run stopped early by --max_steps is superseded once training continues.
-    history = [r for r in history if not r.get("partial") or r["step"] >= total_steps]
-    state = TrainState(apply_fn=model.apply, tx=tx, **tree["state"])
-    accum = tree["accum"]
-
-    writer = MetricsWriter(workdir, enabled=is_main,
-                           title=f"{config.arch} on {config.dataset} ({config.image_size}px)")
-    writer.reset(history)
-    progress = Progress(enabled=is_main)
-    ddata = put_dataset(dataset, mesh)
     train_loop = make_train_loop(mesh, batch_size=config.batch_size, image_size=config.image_size,
                                  seed=config.seed, augment=config.augment,
                                  random_erasing=config.random_erasing,
                                  label_smoothing=config.label_smoothing, dtype=dtype)
     eval_loop = make_eval_loop(mesh, image_size=config.image_size, dtype=dtype)
-    # The seed traced like the epoch: one program for every seed (compilation cache).
-    permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,),
-                          out_shardings=replicated)
-    eval_idx, eval_mask = replicate(data_lib.eval_batches(len(dataset.test_labels),
-                                                          config.batch_size), mesh)
-    wall_offset = history[-1]["wall_time"] if history else 0.0
-    run_start = time.perf_counter()
-    step = int(state.step)
-    last = history[-1] if history else {}
-
-    def save(step: int, record: dict | None) -> None:
-        meta = {"step": step, "history": writer.history + ([record] if record else []),
-                "config": identity(config)}
-        metrics = ({"val_accuracy": record["val_accuracy"]}
-                   if record and not record.get("partial") else None)
-        checkpointer.save(step, {"state": state.arrays(), "accum": accum}, meta, metrics)
-
-    def finish(pending: tuple, accum: dict) -> None:
-        chunk_loss, n = pending
-        loss = float(chunk_loss) / n  # Blocks on this chunk only; the next one is queued.
-        if not np.isfinite(loss):
-            bad = int(accum["nonfinite_step"])  # steps done before the bad one
-            raise DivergedError(
-                f"loss became {loss} at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); "
-                f"the last good checkpoint is kept in {checkpointer.directory}")
-        progress.update(n, n * config.batch_size, loss)
-
-    with _Preemption() as preemption:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            perm = permutation(np.int32(config.seed), epoch, num_train)
-            progress.start_epoch(epoch, config.epochs, end, position)
-            epoch_start, images, pending, stop = time.perf_counter(), 0, None, False
-
-            while position < end and not stop:
-                # Chunks end on multiples of `dispatch` within the epoch, so a resumed run
-                # groups steps exactly as an uninterrupted one.
-                n = min(dispatch - position % dispatch, end - position)
-                state, accum, chunk_loss = train_loop(state, accum, ddata, perm,
-                                                      np.int32(position), np.int32(n))
-                position, step, images = position + n, step + n, images + n * config.batch_size
-                if pending is not None:
-                    finish(pending, accum)
-                pending = (chunk_loss, n)
-                stop = _any_process(preemption.signum is not None)
-            finish(pending, accum)
-            jax.block_until_ready(state)
-            train_time = time.perf_counter() - epoch_start
-            progress.end_epoch()
-            if stop and position < steps_per_epoch and step < total_steps:
-                save(step, None)
-                checkpointer.wait()
-                if is_main:
-                    print(f"checkpointed step {step} to {checkpointer.directory / str(step)}; "
-                          "run the same command to resume", flush=True)
-                break
-            steps = int(accum["steps"])
-            eval_start = time.perf_counter()
-            val = summarize_eval(eval_loop(state, ddata, eval_idx, eval_mask))
-            record = {"epoch": round(epoch + position / steps_per_epoch, 4), "step": step,
-                      "train_loss": float(accum["loss_sum"]) / steps,
-                      "train_accuracy": float(accum["accuracy_sum"]) / steps, **val,
-                      "images_per_sec": images / train_time,
-                      # Where the time went: compilation shows in the first epoch's times.
-                      "train_time": train_time, "eval_time": time.perf_counter() - eval_start,
-                      "wall_time": wall_offset + time.perf_counter() - run_start}
-            if position < steps_per_epoch:
-                record["partial"] = True
-            else:
-                # Global (replicated) arrays: a multi-process save or train step rejects the
-                # single-device arrays empty_accum() returns.
-                accum = replicate(empty_accum(), mesh)
-            last_epoch = step >= total_steps
-            if last_epoch or stop or (epoch + 1) % config.checkpoint_every == 0:
-                save(step, record)
-            writer.write(record)
-            last = record
+    eval_idx, eval_mask = data_lib.eval_batches(len(dataset.test_labels), config.batch_size)
+    # The train and eval programs compile on a worker thread while this one initialises the
+    # state and copies the data (XLA compiles without the GIL): on an H200, compiling the init
+    # and train programs one after the other took 5.4 s + 5.8 s. A compiled program lands in
+    # jit's caches, so the first call finds it. Eval compiles second, during the first epoch.
+    to_device = _abstract(replicated)
+    data_spec = jax.tree.map(to_device, DeviceData(
+        dataset.train_images, dataset.train_labels.astype(np.int32), dataset.test_images,
+        dataset.test_labels.astype(np.int32)))
+    state_spec = TrainState(apply_fn=model.apply, tx=tx, **abstract["state"])
+    compiler = ThreadPoolExecutor(1, thread_name_prefix="compile")
+    train_compiled = compiler.submit(lambda: train_loop.lower(
+        state_spec, abstract["accum"], data_spec, jax.ShapeDtypeStruct((num_train,), np.int32,
+                                                                      sharding=replicated),
+        min(dispatch, total_steps)).compile())
+    eval_compiled = compiler.submit(lambda: eval_loop.lower(
+        state_spec, data_spec, to_device(eval_idx), to_device(eval_mask)).compile())
+    try:
+        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+        restored = checkpointer.restore(abstract)
+        if restored is None:
+            tree, history = init(), []
+        else:
+            tree, history = restored.tree, restored.meta.get("history", [])
             if is_main:
-                print(format_record(record), flush=True)
-            if stop:
-                checkpointer.wait()
+                print(f"resuming from {checkpointer.directory / str(restored.step)} "
+                      f"(step {restored.step})", flush=True)
+        # A record of a run stopped early by --max_steps is superseded once training continues.
+        history = [r for r in history if not r.get("partial") or r["step"] >= total_steps]
+        state = TrainState(apply_fn=model.apply, tx=tx, **tree["state"])
+        accum = tree["accum"]
+
+        writer = MetricsWriter(workdir, enabled=is_main,
+                               title=f"{config.arch} on {config.dataset} ({config.image_size}px)")
+        writer.reset(history)
+        progress = Progress(enabled=is_main)
+        ddata = put_dataset(dataset, mesh)
+        # The seed traced like the epoch: one program for every seed (compilation cache).
+        permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,),
+                              out_shardings=replicated)
+        eval_idx, eval_mask = replicate((eval_idx, eval_mask), mesh)
+        wall_offset = history[-1]["wall_time"] if history else 0.0
+        run_start = time.perf_counter()
+        step = int(state.step)
+        last = history[-1] if history else {}
+
+        def save(step: int, record: dict | None) -> None:
+            meta = {"step": step, "history": writer.history + ([record] if record else []),
+                    "config": identity(config)}
+            metrics = ({"val_accuracy": record["val_accuracy"]}
+                       if record and not record.get("partial") else None)
+            checkpointer.save(step, {"state": state.arrays(), "accum": accum}, meta, metrics)
+
+        def finish(pending: tuple, accum: dict) -> None:
+            chunk_loss, n = pending
+            loss = float(chunk_loss) / n  # Blocks on this chunk only; the next one is queued.
+            if not np.isfinite(loss):
+                bad = int(accum["nonfinite_step"])  # steps done before the bad one
+                raise DivergedError(
+                    f"loss became {loss} at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); "
+                    f"the last good checkpoint is kept in {checkpointer.directory}")
+            progress.update(n, n * config.batch_size, loss)
+
+        if step < total_steps:
+            train_compiled.result()  # raises what compiling raised
+        with _Preemption() as preemption:
+            while step < total_steps:
+                epoch, position = divmod(step, steps_per_epoch)
+                end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                perm = permutation(np.int32(config.seed), epoch, num_train)
+                progress.start_epoch(epoch, config.epochs, end, position)
+                epoch_start, images, pending, stop = time.perf_counter(), 0, None, False
+
+                while position < end and not stop:
+                    # Chunks end on multiples of `dispatch` within the epoch, so a resumed run
+                    # groups steps exactly as an uninterrupted one.
+                    n = min(dispatch - position % dispatch, end - position)
+                    state, accum, chunk_loss = train_loop(state, accum, ddata, perm,
+                                                          np.int32(position), np.int32(n))
+                    position, step, images = position + n, step + n, images + n * config.batch_size
+                    if pending is not None:
+                        finish(pending, accum)
+                    pending = (chunk_loss, n)
+                    stop = _any_process(preemption.signum is not None)
+                finish(pending, accum)
+                jax.block_until_ready(state)
+                train_time = time.perf_counter() - epoch_start
+                progress.end_epoch()
+                if stop and position < steps_per_epoch and step < total_steps:
+                    save(step, None)
+                    checkpointer.wait()
+                    if is_main:
+                        print(f"checkpointed step {step} to {checkpointer.directory / str(step)}; "
+                              "run the same command to resume", flush=True)
+                    break
+                steps = int(accum["steps"])
+                eval_start = time.perf_counter()
+                eval_compiled.result()
+                val = summarize_eval(eval_loop(state, ddata, eval_idx, eval_mask))
+                record = {"epoch": round(epoch + position / steps_per_epoch, 4), "step": step,
+                          "train_loss": float(accum["loss_sum"]) / steps,
+                          "train_accuracy": float(accum["accuracy_sum"]) / steps, **val,
+                          "images_per_sec": images / train_time,
+                          # Where the time went: waiting for compilation shows in the first
+                          # epoch's wall_time (the eval program's also in its eval_time).
+                          "train_time": train_time, "eval_time": time.perf_counter() - eval_start,
+                          "wall_time": wall_offset + time.perf_counter() - run_start}
+                if position < steps_per_epoch:
+                    record["partial"] = True
+                else:
+                    # Global (replicated) arrays: a multi-process save or train step rejects the
+                    # single-device arrays empty_accum() returns.
+                    accum = replicate(empty_accum(), mesh)
+                last_epoch = step >= total_steps
+                if last_epoch or stop or (epoch + 1) % config.checkpoint_every == 0:
+                    save(step, record)
+                writer.write(record)
+                last = record
                 if is_main:
-                    print(f"checkpointed step {step}; run the same command to resume", flush=True)
-                break
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    return last
+                    print(format_record(record), flush=True)
+                if stop:
+                    checkpointer.wait()
+                    if is_main:
+                        print(f"checkpointed step {step}; run the same command to resume",
+                              flush=True)
+                    break
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        return last
+    finally:
+        # A failed run does not wait for a compilation nobody will use.
+        compiler.shutdown(wait=False, cancel_futures=True)
