@@ -59,8 +59,11 @@ PARTS=${PARTS:-default bf16 tune bench grouped recipe experiments}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # Prefixes each line with the seconds since $1 (a date +%s.%N), to see where a run's time goes.
-stamp() { awk -v t0="$1" '{ "date +%s.%N" | getline now; close("date +%s.%N");
-  printf "[%7.2f] %s\n", now - t0, $0; fflush() }'; }
+# (Not awk: Debian's mawk reads its input in blocks, so every line got the end time.)
+stamp() { python3 -u -c 'import sys, time
+t0 = float(sys.argv[1])
+for line in iter(sys.stdin.readline, ""):
+    sys.stdout.write("[%7.2f] %s" % (time.time() - t0, line))' "$1"; }
 
 # 1. The chapter's run, exactly the default command (issue 3/6: >= 0.906; wall time). The first
 # seed compiles from scratch; later ones find the programs in the compilation cache (--help).
