@@ -122,7 +122,7 @@ class Config:
                         "parameters and results: direct, space_to_depth (a 4x4/1 conv on 2x2 "
                         "pixel blocks stacked as channels, avoiding one-channel conv kernels: "
                         "2-12%% faster training on an H200), auto (space_to_depth for the "
-                        "imagenet stem, direct for the small one)", choices=STEM_CONVS)
+                        "imagenet stem, except on a CPU)", choices=STEM_CONVS)
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
     train_examples: int | None = _f(None, "use only the first N training examples (quick runs)")
     max_steps: int | None = _f(None, "stop after this many steps in total, then evaluate and "

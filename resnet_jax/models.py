@@ -26,9 +26,10 @@ runs the native form many times slower (see :func:`conv_per_group`); ``"auto"`` 
 The 7x7/2 stem conv likewise (``stem_conv``): ``"direct"``, or ``"space_to_depth"``
 (:func:`conv_space_to_depth`: the same parameters and function as a 4x4/1 conv on 2x2 blocks
 of pixels stacked as channels, which avoids cuDNN's kernels for one input channel). ``"auto"``
-(default) is ``"space_to_depth"`` for the imagenet stem and ``"direct"`` for the small stem's
-stride-1 conv: on an H200 it trained the chapter's ResNet-18 2.4% (fp32, batch 128), 4.9% (bf16,
-128) and 12% (bf16, 1024) faster than the direct conv; on XLA:CPU the two are as fast.
+(default) picks ``"space_to_depth"`` for the imagenet stem except on a CPU backend: on an H200
+it trained the chapter's ResNet-18 2.4% (fp32, batch 128), 4.9% (bf16, 128) and 12% (bf16,
+1024) faster than the direct conv; on XLA:CPU it was as fast at 96x96 and ~10% slower at 28x28.
+The small stem's stride-1 conv is always direct.
 
 Mixed precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Batch-norm
 statistics are reduced and stored in float32 (flax's ``force_float32_reductions``), and the logits
@@ -168,6 +169,16 @@ def resolve_grouped_conv(choice: str) -> str:
     _check_choice("grouped_conv", choice, GROUPED_CONVS)
     if choice == "auto":
         return "split" if jax.default_backend() == "cpu" else "native"
+    return choice
+
+
+def resolve_stem_conv(choice: str, stem: str = "imagenet") -> str:
+    """``"direct"`` or ``"space_to_depth"``: ``choice`` itself, or for ``"auto"`` the default
+    backend's (direct on a CPU); always ``"direct"`` for the small stem's stride-1 conv."""
+    _check_choice("stem_conv", choice, STEM_CONVS)
+    if choice == "auto":
+        cpu = jax.default_backend() == "cpu"
+        return "direct" if stem != "imagenet" or cpu else "space_to_depth"
     return choice
 
 
@@ -519,9 +530,9 @@ class ResNet(nn.Module):
             channels[0], (kernel, kernel), strides=(strides, strides), padding=_padding(kernel),
             use_bias=self.variant == "d2l", kernel_init=_conv_init(self.variant), dtype=self.dtype,
             param_dtype=self.param_dtype, name="conv1",
-            conv_general_dilated=(conv_space_to_depth
-                                  if self.stem == "imagenet" and self.stem_conv != "direct"
-                                  else None),
+            conv_general_dilated=(
+                conv_space_to_depth
+                if resolve_stem_conv(self.stem_conv, self.stem) == "space_to_depth" else None),
         )(x)
         if not block_cls.preact:
             x = nn.relu(norm(name="bn1")(x))

@@ -511,17 +511,24 @@ def test_space_to_depth_stem_gives_the_same_network():
                                 atol=1e-12)
 
 
-@pytest.mark.parametrize("stem, strided_convs_saved", [("imagenet", 1), ("small", 0)])
-def test_auto_stem_conv_is_space_to_depth_for_the_imagenet_stem_only(stem, strided_convs_saved):
-    def strided_convs(stem_conv):
-        net = models.create_model("resnet18", width=8, stem=stem, stem_conv=stem_conv)
-        x = jnp.zeros((2, 32, 32, 1))
-        jaxpr = str(jax.make_jaxpr(lambda x: net.init_with_output(jax.random.key(0), x,
-                                                                  train=False)[0])(x))
-        return jaxpr.count("window_strides=(2, 2)")
+def _strided_convs(**options) -> int:
+    """How many stride-2 convolutions a width-8 ResNet-18's forward pass runs."""
+    net = models.create_model("resnet18", width=8, **options)
+    jaxpr = jax.make_jaxpr(lambda x: net.init_with_output(jax.random.key(0), x, train=False)[0])
+    return str(jaxpr(jnp.zeros((2, 32, 32, 1)))).count("window_strides=(2, 2)")
 
+
+def test_auto_stem_conv_is_space_to_depth_except_on_a_cpu():
+    off_cpu = jax.default_backend() != "cpu"
+    assert models.resolve_stem_conv("auto") == ("space_to_depth" if off_cpu else "direct")
+    assert models.resolve_stem_conv("auto", stem="small") == "direct"
+    assert [models.resolve_stem_conv(c) for c in ("direct", "space_to_depth")] == [
+        "direct", "space_to_depth"]
     assert models.create_model("resnet18").stem_conv == "auto"
-    assert strided_convs("direct") - strided_convs("auto") == strided_convs_saved
+    # space_to_depth computes the stem without a strided conv; auto is what it resolves to.
+    assert _strided_convs(stem_conv="direct") - _strided_convs(stem_conv="space_to_depth") == 1
+    assert _strided_convs() == _strided_convs(stem_conv=models.resolve_stem_conv("auto"))
+    assert _strided_convs(stem="small") == _strided_convs(stem="small", stem_conv="direct")
 
 
 # ---------------------------------------------------------------------------------------------
