@@ -270,6 +270,30 @@ def make_eval_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32) -> 
     return jax.jit(evaluate, out_shardings=replicated)
 
 
+def make_predict_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32,
+                      flip: bool = False) -> Callable:
+    """`predict(state, data, idx) -> probabilities` float32 [num_batches, batch, classes] for
+    the test images `idx` [num_batches, batch]: the softmax of the logits (running BN
+    statistics); with `flip`, the mean of the image's and its mirror image's (test-time
+    augmentation, as the recipe's random flips train for)."""
+    batch = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    def predict(state, data, idx):
+        def body(carry, i):
+            i = jax.lax.with_sharding_constraint(i, batch)
+            images = data_lib.preprocess(data.test_images[i], image_size, dtype)
+            probs = jax.nn.softmax(state.apply_fn(state.variables, images, train=False))
+            if flip:  # NHWC: axis 2 is the width
+                mirrored = state.apply_fn(state.variables, images[:, :, ::-1], train=False)
+                probs = (probs + jax.nn.softmax(mirrored)) / 2
+            return carry, probs
+
+        return jax.lax.scan(body, None, idx)[1]
+
+    return jax.jit(predict, out_shardings=replicated)
+
+
 def summarize_eval(sums: dict) -> dict:
     count = float(sums["count"])
     return {"val_loss": float(sums["loss_sum"]) / count,
@@ -492,6 +516,56 @@ def evaluate_checkpoint(workdir: str | Path, checkpoint: str = "latest",
         state, put_dataset(dataset, mesh), idx, mask)
     return {"step": step, **summarize_eval(sums),
             "confusion": np.asarray(sums["confusion"]).round().astype(np.int64),
+            "class_names": list(dataset.spec.class_names)}
+
+
+def predict_checkpoint(
+    workdir: str | Path, checkpoint: str = "latest", data_dir: str | None = None,
+    flip: bool = False, mesh: Mesh | None = None,
+) -> tuple[Config, np.ndarray, data_lib.Dataset, int]:
+    """Restores a checkpoint of `workdir` and predicts the whole test split: the run's Config,
+    the class probabilities [num_test, classes] (see `make_predict_loop`), the dataset and the
+    restored step."""
+    mesh = mesh if mesh is not None else make_mesh()
+    config, state, dataset, step = restore_state(workdir, checkpoint, data_dir, mesh)
+    batch = config.batch_size - config.batch_size % mesh.size or mesh.size
+    idx, _ = data_lib.eval_batches(len(dataset.test_labels), batch)
+    probs = make_predict_loop(mesh, image_size=config.image_size, dtype=compute_dtype(config),
+                              flip=flip)(state, put_dataset(dataset, mesh), replicate(idx, mesh))
+    probs = np.asarray(probs).reshape(-1, probs.shape[-1])[:len(dataset.test_labels)]
+    return config, probs, dataset, step
+
+
+def evaluate_ensemble(workdirs: list[str | Path], checkpoint: str = "latest",
+                      data_dir: str | None = None, flip: bool = False,
+                      mesh: Mesh | None = None) -> dict:
+    """Evaluates the mean of the test-split probabilities of a checkpoint (`latest`, `best` or
+    a step) of each of `workdirs`: an ensemble, each member with flip test-time augmentation
+    if `flip`. Returns `members` (per workdir: `workdir`, `step`, `val_accuracy`),
+    `val_accuracy` and `val_loss` (negative log of the mean probability of the true class) of
+    the ensemble, `val_count`, `confusion` [true, predicted] and `class_names`."""
+    if not workdirs:
+        raise UserError("no workdirs to evaluate")
+    mesh = mesh if mesh is not None else make_mesh()
+    members, total, labels, dataset = [], None, None, None
+    for workdir in workdirs:
+        config, probs, dataset, step = predict_checkpoint(workdir, checkpoint, data_dir, flip,
+                                                          mesh)
+        if labels is not None and not np.array_equal(labels, dataset.test_labels):
+            raise UserError(f"{workdir} was trained on another test set ({config.dataset}) than "
+                            f"{workdirs[0]}; an ensemble needs one")
+        labels = dataset.test_labels
+        total = probs if total is None else total + probs
+        members.append({"workdir": str(workdir), "step": step,
+                        "val_accuracy": float(np.mean(probs.argmax(-1) == labels))})
+    mean = total / len(workdirs)
+    predicted = mean.argmax(-1)
+    confusion = np.zeros((mean.shape[-1],) * 2, np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    true_prob = mean[np.arange(len(labels)), labels]
+    return {"members": members, "val_accuracy": float(np.mean(predicted == labels)),
+            "val_loss": float(-np.mean(np.log(np.maximum(true_prob, 1e-30)))),
+            "val_count": len(labels), "confusion": confusion,
             "class_names": list(dataset.spec.class_names)}
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Evaluate a checkpoint of a training workdir on the whole test split: accuracy, loss and the
-confusion matrix with class names."""
+confusion matrix with class names. Several workdirs are evaluated as an ensemble (the mean of
+their predicted probabilities), and --flip adds test-time augmentation (each image and its
+mirror image)."""
 
 import argparse
 import os
@@ -27,17 +29,34 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _OneLineParser(prog="evaluate.py", description=__doc__,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a workdir written by train.py")
-    parser.add_argument("--checkpoint", default="latest", help="best, latest, or a step number")
-    parser.add_argument("--data_dir", default=None, help="override the data dir the run used")
+    parser.add_argument("--workdir", required=True, nargs="+",
+                        help="a workdir written by train.py; several: evaluate their ensemble "
+                             "(the mean of the models' class probabilities)")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="best, latest, or a step number (of every workdir)")
+    parser.add_argument("--flip", action="store_true",
+                        help="test-time augmentation: average each model's probabilities for "
+                             "the image and its horizontal mirror")
+    parser.add_argument("--data_dir", default=None, help="override the data dir the runs used")
     args = parser.parse_args(argv)
 
     def job():
-        from resnet_jax.train import evaluate_checkpoint
+        from resnet_jax.train import evaluate_checkpoint, evaluate_ensemble
 
-        result = evaluate_checkpoint(args.workdir, args.checkpoint, args.data_dir)
-        print(f"checkpoint step {result['step']}: test accuracy {result['val_accuracy']:.4f}, "
-              f"loss {result['val_loss']:.4f} on {result['val_count']} images")
+        if len(args.workdir) == 1 and not args.flip:
+            result = evaluate_checkpoint(args.workdir[0], args.checkpoint, args.data_dir)
+            print(f"checkpoint step {result['step']}: test accuracy "
+                  f"{result['val_accuracy']:.4f}, loss {result['val_loss']:.4f} on "
+                  f"{result['val_count']} images")
+        else:
+            result = evaluate_ensemble(args.workdir, args.checkpoint, args.data_dir, args.flip)
+            tta = " with flips" if args.flip else ""
+            for member in result["members"]:
+                print(f"{member['workdir']} (step {member['step']}): test accuracy "
+                      f"{member['val_accuracy']:.4f}{tta}")
+            print(f"ensemble of {len(result['members'])}{tta}: test accuracy "
+                  f"{result['val_accuracy']:.4f}, loss {result['val_loss']:.4f} on "
+                  f"{result['val_count']} images")
         print("confusion matrix (rows: true class, columns: predicted):")
         print(format_confusion(result["confusion"], result["class_names"]))
         return 0

@@ -57,6 +57,26 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert len(matrix) == 10
     assert sum(int(v) for line in matrix for v in line.split()[-10:]) == 10_000
 
+    # An ensemble of one model twice predicts what the model does; --flip averages mirror
+    # images; a workdir that is not one is a one-line error.
+    def evaluate_many(*args):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), *args,
+                               "--checkpoint=best"], capture_output=True, text=True, timeout=300)
+
+    twice = evaluate_many("--workdir", str(workdir), str(workdir))
+    assert twice.returncode == 0, twice.stderr[-2000:]
+    assert twice.stdout.count(f"(step {best['step']}): test accuracy "
+                              f"{best['val_accuracy']:.4f}") == 2
+    assert f"ensemble of 2: test accuracy {best['val_accuracy']:.4f}" in twice.stdout
+    flipped = evaluate_many("--workdir", str(workdir), "--flip")
+    assert flipped.returncode == 0, flipped.stderr[-2000:]
+    assert "ensemble of 1 with flips: test accuracy " in flipped.stdout
+    matrix = [line for line in flipped.stdout.splitlines() if line[:1].isdigit()]
+    assert sum(int(v) for line in matrix for v in line.split()[-10:]) == 10_000
+    missing = evaluate_many("--workdir", str(workdir), str(tmp_path / "nothing"))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "config.json not found" in missing.stderr.strip().splitlines()[-1]
+
 
 def test_compilation_cache_serves_a_second_run(run_train, tmp_path):
     # A second run of the same programs (another workdir) reads them from the cache and

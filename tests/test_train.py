@@ -21,6 +21,7 @@ from resnet_jax.train import (
     eval_step,
     make_eval_loop,
     make_mesh,
+    make_predict_loop,
     make_train_loop,
     replicate,
     train_step,
@@ -110,6 +111,25 @@ def test_eval_loop_counts_an_odd_sized_test_set_exactly_once():
     # Each true label is counted as often as it occurs.
     np.testing.assert_array_equal(np.asarray(sums["confusion"]).sum(1),
                                   np.bincount(host.test_labels, minlength=10))
+
+
+def test_predict_loop_gives_probabilities_and_flip_averages_the_mirror_image():
+    mesh = make_mesh()
+    host = synthetic_data(num_test=13)
+    state = tiny_state()
+    data, idx = replicate(host, mesh), replicate(data_lib.eval_batches(13, 4)[0], mesh)
+    plain, flipped = (np.asarray(make_predict_loop(mesh, image_size=16, flip=flip)(
+        state, data, idx)).reshape(-1, 10)[:13] for flip in (False, True))
+
+    def probs(images):
+        return jax.nn.softmax(state.apply_fn(state.variables, images, train=False))
+
+    images = data_lib.preprocess(jnp.asarray(host.test_images), 16)
+    np.testing.assert_allclose(plain.sum(-1), 1, rtol=1e-5)
+    np.testing.assert_allclose(plain, probs(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flipped, (probs(images) + probs(images[:, :, ::-1])) / 2,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain, flipped, atol=1e-4)
 
 
 def test_chunked_train_loop_does_not_depend_on_the_split():
