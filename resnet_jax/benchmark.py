@@ -504,6 +504,8 @@ def run_cases(cases: list[Case], mesh: Mesh | None = None,
         peak_chip = peak_tflops(kind, case.precision)
         yield {
             **dataclasses.asdict(case), **result, **group.eval_result,
+            # What "auto" resolved to on this backend.
+            "stem_conv_used": models.resolve_stem_conv(case.stem_conv, case.stem),
             "peak_bytes": peak, "peak_bytes_exact": (None if peak is None else
                                                      peak_before is None or peak > peak_before),
             "train_flops_per_image": flops, "forward_flops_per_image": fwd["flops"],

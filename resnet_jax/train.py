@@ -626,6 +626,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "steps_per_dispatch": dispatch, "data_source": dataset.source,
+            "stem_conv": models.resolve_stem_conv(config.stem_conv, config.stem),
             "jax_version": jax.__version__}}
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
 

@@ -41,6 +41,7 @@ def test_benchmark_json_fields_are_sane():
                                                                             8)
         assert r["train_images_per_sec"] > 0 and r["eval_images_per_sec"] > 0
         assert r["step_time_ms"] > 0 and len(r["train_images_per_sec_repeats"]) == 1
+        assert (r["stem_conv"], r["stem_conv_used"]) == ("auto", "direct")  # on a CPU
         assert r["forward_flops_per_image"] > 0 and r["params"] > 0
         # A train step (forward, backward ~2x, update) costs about three forward passes.
         assert 2 < r["train_flops_per_image"] / r["forward_flops_per_image"] < 4.5
@@ -64,7 +65,8 @@ def test_profile_says_where_the_step_time_goes(tmp_path):
                "--stem_conv", "space_to_depth", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     (result,) = [json.loads(line) for line in out.stdout.splitlines()]
-    assert result["stem_conv"] == "space_to_depth" and "space_to_depth stem conv" in out.stderr
+    assert result["stem_conv"] == result["stem_conv_used"] == "space_to_depth"
+    assert "space_to_depth stem conv" in out.stderr
     profile = result["profile"]
     assert Path(profile["trace_dir"]) == tmp_path / "resnet18_fp32_b8_spd2"
     assert list(Path(profile["trace_dir"]).glob("plugins/profile/*/*.trace.json.gz"))

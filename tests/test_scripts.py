@@ -22,6 +22,7 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
         "10", "8"]
     config = json.loads((workdir / "config.json").read_text())
     assert config["arch"] == "resnet18" and config["resolved"]["steps_per_epoch"] == 8
+    assert config["stem_conv"] == "auto" and config["resolved"]["stem_conv"] == "direct"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     keys = {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
             "images_per_sec", "train_time", "eval_time", "wall_time"}
