@@ -640,15 +640,16 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                                  label_smoothing=config.label_smoothing, dtype=dtype)
     eval_loop = make_eval_loop(mesh, image_size=config.image_size, dtype=dtype)
     eval_idx, eval_mask = data_lib.eval_batches(len(dataset.test_labels), config.batch_size)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+    restored = checkpointer.restore(abstract)
     compiler = ThreadPoolExecutor(1, thread_name_prefix="compile")
-    train_compiled, eval_compiled = _compile_ahead(
-        compiler, train_loop, eval_loop, TrainState(apply_fn=model.apply, tx=tx,
-                                                    **abstract["state"]),
-        abstract["accum"], _host_data(dataset), (eval_idx, eval_mask),
-        min(dispatch, total_steps), replicated)
+    if (restored.step if restored else 0) < total_steps:  # (a finished run compiles nothing)
+        train_compiled, eval_compiled = _compile_ahead(
+            compiler, train_loop, eval_loop, TrainState(apply_fn=model.apply, tx=tx,
+                                                        **abstract["state"]),
+            abstract["accum"], _host_data(dataset), (eval_idx, eval_mask),
+            min(dispatch, total_steps), replicated)
     try:
-        checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-        restored = checkpointer.restore(abstract)
         if restored is None:
             tree, history = init(), []
         else:
