@@ -467,10 +467,12 @@ def load_config(workdir: str | Path) -> Config:
 
 
 def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str | None = None,
-                  mesh: Mesh | None = None) -> tuple[Config, TrainState, data_lib.Dataset, int]:
+                  mesh: Mesh | None = None, dataset: data_lib.Dataset | None = None,
+                  ) -> tuple[Config, TrainState, data_lib.Dataset, int]:
     """Restores a checkpoint of `workdir` (`latest`, `best` or a step number).
 
-    Returns the run's Config, the TrainState, the dataset and the restored step.
+    Returns the run's Config, the TrainState, the dataset and the restored step. A `dataset`
+    already loaded is used, not read again, if it is the one the run was trained on.
     """
     from resnet_jax.checkpoint import best_step
 
@@ -478,7 +480,8 @@ def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str
     if data_dir:
         config = config.replace(data_dir=data_dir)
     mesh = mesh if mesh is not None else make_mesh()
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    if dataset is None or dataset.spec.tfds_name != config.dataset:
+        dataset = data_lib.load_dataset(config.dataset, config.data_dir)
     num_train = min(len(dataset.train_labels), config.train_examples or len(dataset.train_labels))
     model = build_model(config, dataset.spec.num_classes)
     tx = create_optimizer(config, data_lib.steps_per_epoch(num_train, config.batch_size))
@@ -528,12 +531,19 @@ def predict_checkpoint(
     restored step."""
     mesh = mesh if mesh is not None else make_mesh()
     config, state, dataset, step = restore_state(workdir, checkpoint, data_dir, mesh)
+    probs = _predict(config, state, dataset, put_dataset(dataset, mesh), mesh, flip)
+    return config, probs, dataset, step
+
+
+def _predict(config: Config, state: TrainState, dataset: data_lib.Dataset, ddata: DeviceData,
+             mesh: Mesh, flip: bool) -> np.ndarray:
+    """Probabilities [num_test, classes] of `state` (a run of `config`) on `dataset`'s test
+    split, `ddata` being its copy on the devices."""
     batch = config.batch_size - config.batch_size % mesh.size or mesh.size
     idx, _ = data_lib.eval_batches(len(dataset.test_labels), batch)
     probs = make_predict_loop(mesh, image_size=config.image_size, dtype=compute_dtype(config),
-                              flip=flip)(state, put_dataset(dataset, mesh), replicate(idx, mesh))
-    probs = np.asarray(probs).reshape(-1, probs.shape[-1])[:len(dataset.test_labels)]
-    return config, probs, dataset, step
+                              flip=flip)(state, ddata, replicate(idx, mesh))
+    return np.asarray(probs).reshape(-1, probs.shape[-1])[:len(dataset.test_labels)]
 
 
 def evaluate_ensemble(workdirs: list[str | Path], checkpoint: str = "latest",
@@ -547,13 +557,17 @@ def evaluate_ensemble(workdirs: list[str | Path], checkpoint: str = "latest",
     if not workdirs:
         raise UserError("no workdirs to evaluate")
     mesh = mesh if mesh is not None else make_mesh()
-    members, total, labels, dataset = [], None, None, None
+    # Members share the loaded data and its copy on the devices.
+    members, total, dataset, ddata = [], None, None, None
     for workdir in workdirs:
-        config, probs, dataset, step = predict_checkpoint(workdir, checkpoint, data_dir, flip,
-                                                          mesh)
-        if labels is not None and not np.array_equal(labels, dataset.test_labels):
-            raise UserError(f"{workdir} was trained on another test set ({config.dataset}) than "
-                            f"{workdirs[0]}; an ensemble needs one")
+        config, state, loaded, step = restore_state(workdir, checkpoint, data_dir, mesh, dataset)
+        if loaded is not dataset:
+            if dataset is not None and not np.array_equal(loaded.test_labels,
+                                                          dataset.test_labels):
+                raise UserError(f"{workdir} was trained on another test set ({config.dataset}) "
+                                f"than {workdirs[0]}; an ensemble needs one")
+            dataset, ddata = loaded, put_dataset(loaded, mesh)
+        probs = _predict(config, state, dataset, ddata, mesh, flip)
         labels = dataset.test_labels
         total = probs if total is None else total + probs
         members.append({"workdir": str(workdir), "step": step,

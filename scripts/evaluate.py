@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        from resnet_jax.train import evaluate_checkpoint, evaluate_ensemble
+        from resnet_jax.train import evaluate_checkpoint, evaluate_ensemble, use_compilation_cache
+
+        # As training does: on a GPU, members of one architecture compile their program once.
+        use_compilation_cache("auto")
 
         if len(args.workdir) == 1 and not args.flip:
             result = evaluate_checkpoint(args.workdir[0], args.checkpoint, args.data_dir)
