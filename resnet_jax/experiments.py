@@ -8,7 +8,9 @@ with :func:`resnet_jax.train.train_and_evaluate`, each in its own workdir::
     RUNS_DIR/NAME/PRESET/ROW-seedK/     config.json, metrics.jsonl, checkpoints/, ...
 
 A run whose workdir already holds its final record is skipped (never retrained); an unfinished one
-resumes from its last checkpoint. :func:`write_report` then reads those workdirs and writes::
+resumes from its last checkpoint; a new one whose very settings and seed another experiment already
+ran to the end (resnet18 with the chapter's recipe is in five) takes that run's records instead of
+training again (``find_twin``). :func:`write_report` then reads those workdirs and writes::
 
     OUT/NAME/PRESET/table.md, results.csv, results.json and the experiment's plots (PNG)
 
@@ -427,27 +429,69 @@ def identity_diff(run: Run, saved: Mapping[str, Any]) -> list[str]:
     return config_identity_diff({k: _setting(run.settings, k) for k in IDENTITY_FIELDS}, saved)
 
 
+def _finished_in(workdir: Path, run: Run, fields: Iterable[str]) -> dict | None:
+    """The final metrics record of the run in ``workdir`` if its config.json agrees with ``run``
+    on ``fields`` and its metrics.jsonl reaches ``run``'s last step; else None."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+        steps_per_epoch = int(saved["resolved"]["steps_per_epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if config_identity_diff({k: _setting(run.settings, k) for k in fields}, saved):
+        return None
+    total = _setting(run.settings, "epochs") * steps_per_epoch
+    max_steps = _setting(run.settings, "max_steps")
+    if max_steps:
+        total = min(total, max_steps)
+    records = read_records(workdir)
+    if records and records[-1].get("step", -1) >= total:
+        return records[-1]
+    return None
+
+
 def finished_record(run: Run) -> dict | None:
     """The final metrics record if ``run``'s workdir holds this very run, finished; else None.
 
     Finished: config.json matches the run's identity fields and the last record of metrics.jsonl
     is at the run's last step (epochs x steps per epoch, or max_steps if smaller).
     """
-    try:
-        saved = json.loads((run.workdir / "config.json").read_text())
-        steps_per_epoch = int(saved["resolved"]["steps_per_epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if identity_diff(run, saved):
-        return None
-    total = _setting(run.settings, "epochs") * steps_per_epoch
-    max_steps = _setting(run.settings, "max_steps")
-    if max_steps:
-        total = min(total, max_steps)
-    records = read_records(run.workdir)
-    if records and records[-1].get("step", -1) >= total:
-        return records[-1]
+    return _finished_in(run.workdir, run, IDENTITY_FIELDS)
+
+
+# Config fields that change nothing a run computes: paths, checkpointing, how it is launched.
+_BOOKKEEPING = frozenset({"preset", "data_dir", "workdir", "checkpoint_every", "keep_checkpoints",
+                          "compilation_cache", "overwrite", "coordinator_address",
+                          "num_processes", "process_id", "init_timeout"})
+TRAINING_FIELDS = tuple(sorted(CONFIG_FIELDS - _BOOKKEEPING))
+
+
+def find_twin(run: Run) -> Path | None:
+    """A finished workdir of another row or experiment in ``run``'s runs dir that trained the
+    very same run: every training setting (epochs included) and the seed equal. Experiments share
+    rows (resnet18 with the chapter's recipe is in five of them); such a run is trained once."""
+    runs_dir = run.workdir.parents[2]  # RUNS_DIR/NAME/PRESET/ROW-seedK
+    for config_file in sorted(runs_dir.glob("*/*/*/config.json")):
+        workdir = config_file.parent
+        if workdir != run.workdir and _finished_in(workdir, run, TRAINING_FIELDS) is not None:
+            return workdir
     return None
+
+
+def share_run(run: Run, twin: Path) -> str:
+    """Gives ``run``'s workdir the records of the finished ``twin`` (config.json, naming where it
+    came from in ``shared_from``, and metrics.jsonl; not its checkpoints). Returns the twin's
+    place relative to the runs dir (its origin's, if the twin was itself shared)."""
+    runs_dir = run.workdir.parents[2]
+    saved = json.loads((twin / "config.json").read_text())
+    origin = saved.get("shared_from") or twin.relative_to(runs_dir).as_posix()
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    (run.workdir / "metrics.jsonl").write_bytes((twin / "metrics.jsonl").read_bytes())
+    saved.update(workdir=str(run.workdir), shared_from=origin)
+    # config.json last: until it is there, the workdir is not a finished run.
+    tmp = run.workdir / "config.json.tmp"
+    tmp.write_text(json.dumps(saved, indent=2) + "\n")
+    os.replace(tmp, run.workdir / "config.json")
+    return origin
 
 
 def _describe(settings: Mapping[str, Any], keys: Iterable[str]) -> str:
@@ -477,6 +521,8 @@ def dry_run(runs: Sequence[Run], say=_print) -> None:
             status = "done"
         elif (run.workdir / "config.json").exists():
             status = "resume"
+        elif find_twin(run) is not None:
+            status = "shared"
         else:
             status = "new"
         epochs = _setting(run.settings, "epochs")
@@ -491,8 +537,9 @@ def dry_run(runs: Sequence[Run], say=_print) -> None:
 
 
 def train_run(run: Run, say=_print, prefix: str = "") -> str:
-    """Trains ``run`` unless it is finished: ``skipped``, ``trained``, ``diverged`` or
-    ``stopped`` (SIGTERM/SIGINT checkpointed it). ``say`` gets one line per decision."""
+    """Trains ``run`` unless it is finished: ``skipped``, ``shared`` (another experiment's
+    identical run finished: its records are copied, see `find_twin`), ``trained``, ``diverged``
+    or ``stopped`` (SIGTERM/SIGINT checkpointed it). ``say`` gets one line per decision."""
     from resnet_jax import train as train_lib
 
     record = finished_record(run)
@@ -508,6 +555,12 @@ def train_run(run: Run, say=_print, prefix: str = "") -> str:
     if diff:
         raise UserError(f"{run.workdir} holds a different run ({'; '.join(diff)}); delete it, "
                         "or use another --runs_dir")
+    twin = find_twin(run) if saved is None else None  # (a started run resumes instead)
+    if twin is not None:
+        origin = share_run(run, twin)
+        say(f"{prefix}share {run.name}: the same run finished in {origin} (records copied to "
+            f"{run.workdir})")
+        return "shared"
     say(f"{prefix}train {run.name} in {run.workdir}")
     try:
         train_lib.train_and_evaluate(config)
@@ -536,7 +589,8 @@ def run_experiment(experiment: Experiment, preset: str, seeds: int = 1,
         if outcome == "stopped":
             say(f"stopped during {run.name}; run the same command to resume")
             return outcomes
-    say(f"{experiment.name}: trained {len(outcomes.get('trained', []))}, skipped "
+    say(f"{experiment.name}: trained {len(outcomes.get('trained', []))}, shared "
+        f"{len(outcomes.get('shared', []))}, skipped "
         f"{len(outcomes.get('skipped', []))} finished, diverged "
         f"{len(outcomes.get('diverged', []))}")
     folder = write_report(experiment, preset, seeds, runs_dir, out, data_dir)
@@ -553,7 +607,8 @@ SPREAD = "sample standard deviation over seeds"
 
 def run_summary(run: Run, records: list[dict]) -> dict[str, Any]:
     """What the table needs from one finished run's metrics records and config.json."""
-    resolved = json.loads((run.workdir / "config.json").read_text()).get("resolved", {})
+    saved = json.loads((run.workdir / "config.json").read_text())
+    resolved = saved.get("resolved", {})
     speeds = [r["images_per_sec"] for r in (records[1:] if len(records) >= 2 else records)]
     last = records[-1]
     hardware = f"{resolved.get('device_kind', '?')} ({resolved.get('platform', '?')})"
@@ -566,7 +621,7 @@ def run_summary(run: Run, records: list[dict]) -> dict[str, Any]:
             "val_loss": last["val_loss"],
             "gap": last["train_accuracy"] - last["val_accuracy"],
             "images_per_sec": statistics.median(speeds), "wall_time": last["wall_time"],
-            "hardware": hardware, "history": records}
+            "hardware": hardware, "shared_from": saved.get("shared_from"), "history": records}
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
@@ -652,8 +707,17 @@ def write_report(experiment: Experiment, preset: str, seeds: int, runs_dir: str 
         lines.append("| " + " | ".join(cells) + " |")
     for name in missing:
         lines.append(f"| {name} | not run | | | | | | | | |")
+    shared = []
+    for r in rows:
+        mine = [d for d in r["runs"] if d["shared_from"]]
+        if mine:
+            origins = sorted({d["shared_from"].rsplit("/", 1)[0] for d in mine})
+            shared.append(f"{r['row']} (seed{'s' * (len(mine) > 1)} "
+                          f"{', '.join(str(d['seed']) for d in mine)}: {', '.join(origins)})")
     lines += [
         "",
+        *([f"Runs shared with other experiments (the same settings and seed, trained once and "
+           f"reported in each): {'; '.join(shared)}.", ""] if shared else []),
         f"Accuracies are the last epoch's: train accuracy is the running mean over that epoch "
         f"(training mode), val accuracy is on the whole test split (10,000 images); ± is the "
         f"{SPREAD} (shown when there are 2 or more; min and max are in results.csv). FLOPs: "

@@ -6,9 +6,12 @@
     python scripts/experiment.py degradation --preset gpu --seeds 3
 
 Each row and seed trains in its own workdir, RUNS_DIR/NAME/PRESET/ROW-seedK; running the same
-command again skips the finished runs and resumes an interrupted one. The report goes to
-OUT/NAME/PRESET/: table.md, results.csv, results.json and PNG plots. NAME `all` runs every
-experiment in turn. The report covers seeds 0 .. N-1 (--seeds) of every row whose run is finished.
+command again skips the finished runs and resumes an interrupted one. A run with the very settings
+and seed of one another experiment finished in RUNS_DIR is not trained again: its records
+(config.json, metrics.jsonl) are copied. The report goes to OUT/NAME/PRESET/: table.md,
+results.csv, results.json and PNG plots. NAME `all` runs every experiment in turn. The report
+covers seeds 0 .. N-1 (--seeds) of every row whose run is finished; --report_only writes it from
+the finished runs without training (e.g. from records a GPU machine sent back).
 
 Unknown names, presets or rows are one line on stderr with exit status 2. A run whose loss
 diverged is reported, the others go on, and the exit status is 3. SIGTERM/SIGINT checkpoint the
@@ -39,6 +42,8 @@ def make_parser():
     parser.add_argument("--runs_dir", default="runs/experiments", help="where the workdirs go")
     parser.add_argument("--dry_run", action="store_true",
                         help="check every configuration and print it; train nothing")
+    parser.add_argument("--report_only", action="store_true",
+                        help="write the report of the finished runs; train nothing")
     parser.add_argument("--list", action="store_true", help="list the experiments and rows")
     return parser
 
@@ -68,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(f"{experiment.name} ({preset}, {len(runs)} runs):")
                 ex.dry_run(runs)
+                continue
+            if args.report_only:
+                folder = ex.write_report(experiment, preset, args.seeds, args.runs_dir, args.out,
+                                         args.data_dir)
+                print(f"{experiment.name}: wrote {folder}/table.md from the finished runs")
                 continue
             outcomes = ex.run_experiment(experiment, preset, args.seeds, args.runs_dir,
                                          args.out, args.data_dir, rows)

@@ -198,12 +198,37 @@ if part best; then
   done
 fi
 
-# 4. Experiments at GPU scale, as long as time lasts.
-if part experiments && [ -f scripts/experiment.py ]; then
-  for name in ${EXPERIMENTS:-degradation}; do
-    log "experiment $name"
-    python3 scripts/experiment.py "$name" --preset "$PRESET" --data_dir "$DATA" \
-      --out "$OUT/experiments" --runs_dir /tmp/gpu_experiments 2>&1 | tail -n 30
+# 4. Experiments at GPU scale (issue 7), as long as EXPERIMENT_SECONDS last, in the order of
+# EXPERIMENTS. The runs of earlier sessions come from docs/gpu_runs/experiment_runs (their
+# config.json and metrics.jsonl) and are skipped; rows that other experiments share are trained
+# once. What finished comes back as records in experiment_runs/ (no checkpoints): commit them
+# there and write the reports with scripts/experiment.py NAME --preset gpu --report_only
+# --runs_dir docs/gpu_runs/experiment_runs. A run cut short by the deadline is lost.
+if part experiments; then
+  RUNS=runs/gpu_experiments  # relative: the records name no machine's paths
+  mkdir -p "$RUNS"
+  [ -d docs/gpu_runs/experiment_runs ] && cp -r docs/gpu_runs/experiment_runs/. "$RUNS/"
+  deadline=$(( $(date +%s) + ${EXPERIMENT_SECONDS:-480} ))
+  for name in ${EXPERIMENTS:-degradation preact bottleneck depth capacity recipe cardinality}; do
+    left=$(( deadline - $(date +%s) ))
+    [ "$left" -gt 60 ] || { log "experiments: out of time before $name"; break; }
+    log "experiment $name (${left} s left)"
+    timeout -s TERM -k 60 "$left" python3 scripts/experiment.py "$name" --preset "$PRESET" \
+      --seeds "${EXPERIMENT_SEEDS:-1}" --data_dir "$DATA" --out "$OUT/experiments" \
+      --runs_dir "$RUNS" 2>&1 | grep --line-buffered -v "^epoch " | tee -a "$OUT/experiments.log"
+    # Only finished runs come back (a stopped run's records are of no use without its checkpoint).
+    python3 - "$RUNS" "$OUT/experiment_runs" <<'PY'
+import json, pathlib, shutil, sys
+src, dst = map(pathlib.Path, sys.argv[1:])
+for config in src.glob("*/*/*/config.json"):
+    run, metrics = config.parent, config.parent / "metrics.jsonl"
+    records = metrics.read_text().splitlines() if metrics.exists() else []
+    total = json.loads(config.read_text())["resolved"]["total_steps"]
+    if records and json.loads(records[-1])["step"] >= total:
+        (dst / run.relative_to(src)).mkdir(parents=True, exist_ok=True)
+        for f in (config, metrics):
+            shutil.copy(f, dst / run.relative_to(src) / f.name)
+PY
   done
 fi
 log "done"

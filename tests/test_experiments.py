@@ -130,6 +130,59 @@ def test_report_of_every_experiment_from_workdirs(tmp_path, monkeypatch):
             assert (folder / plot.file).read_bytes()[:8] == PNG, (experiment.name, plot.file)
 
 
+def test_identical_runs_are_shared_between_experiments(tmp_path):
+    runs_dir = tmp_path / "runs"
+
+    def run_of(name: str, row: str, seed: int = 0) -> ex.Run:
+        runs = ex.plan(ex.get_experiment(name), "tiny", seed + 1, runs_dir, rows=[row])
+        return runs[-1]
+
+    original = run_of("depth", "resnet18")
+    _fake_workdir(original, 0.0)
+    # preact's resnet18 and the recipe's chapter row are depth's resnet18, setting for setting.
+    for name, row in (("preact", "resnet18"), ("recipe", "chapter")):
+        assert ex.find_twin(run_of(name, row)) == original.workdir, (name, row)
+    # Not the same run: another seed; the chapter's recipe for more epochs (its identity
+    # fields are the same, so a resume would accept it, but its result is not).
+    assert ex.find_twin(run_of("preact", "resnet18", seed=1)) is None
+    longer = run_of("recipe", "chapter-long")
+    assert not ex.identity_diff(longer, json.loads((original.workdir / "config.json").read_text()))
+    assert ex.find_twin(longer) is None
+
+    lines: list[str] = []
+    ex.dry_run([run_of("preact", "resnet18")], say=lines.append)
+    assert " shared " in lines[0]
+    shared = run_of("preact", "resnet18")
+    assert ex.train_run(shared, say=lines.append) == "shared"  # not trained: no data given
+    assert "share resnet18-seed0: the same run finished in depth/tiny/resnet18-seed0" in lines[-1]
+    assert ((shared.workdir / "metrics.jsonl").read_bytes()
+            == (original.workdir / "metrics.jsonl").read_bytes())
+    saved = json.loads((shared.workdir / "config.json").read_text())
+    assert saved["shared_from"] == "depth/tiny/resnet18-seed0"
+    assert saved["workdir"] == str(shared.workdir)
+    assert ex.finished_record(shared) == ex.finished_record(original)
+    assert ex.train_run(shared, say=lines.append) == "skipped"
+    # Shared from a shared copy: the origin is still the run that trained.
+    chapter = run_of("recipe", "chapter")
+    (original.workdir / "config.json").unlink()
+    assert ex.find_twin(chapter) == shared.workdir
+    ex.share_run(chapter, shared.workdir)
+    assert json.loads((chapter.workdir / "config.json").read_text())["shared_from"] == (
+        "depth/tiny/resnet18-seed0")
+
+    # The report says so; --report_only writes it from the finished runs, training nothing.
+    out = tmp_path / "out"
+    result = run_script("preact", "--preset=tiny", "--report_only", f"--runs_dir={runs_dir}",
+                        f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train " not in result.stdout and "epoch 1 step" not in result.stdout
+    table = (out / "preact" / "tiny" / "table.md").read_text()
+    assert "| resnet18 | arch=resnet18 |" in table and "| preact_resnet18 | not run |" in table
+    assert "reported in each): resnet18 (seed 0: depth/tiny)." in table
+    assert sorted(p.name for p in runs_dir.glob("*/*/*")) == [
+        "chapter-seed0", "resnet18-seed0", "resnet18-seed0"]
+
+
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end_then_skipped(fashion_mnist_dir, tmp_path):
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
@@ -139,7 +192,7 @@ def test_tiny_experiment_end_to_end_then_skipped(fashion_mnist_dir, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     for row in ("plain18", "resnet18"):
         assert f"train {row}-seed0 in {runs_dir}/degradation/tiny/{row}-seed0" in first.stdout
-    assert "degradation: trained 2, skipped 0" in first.stdout
+    assert "degradation: trained 2, shared 0, skipped 0" in first.stdout
 
     folder = out / "degradation" / "tiny"
     results = json.loads((folder / "results.json").read_text())
@@ -164,7 +217,7 @@ def test_tiny_experiment_end_to_end_then_skipped(fashion_mnist_dir, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "skip plain18-seed0: finished at step 16" in second.stdout
     assert "skip resnet18-seed0: finished at step 16" in second.stdout
-    assert "degradation: trained 0, skipped 2" in second.stdout
+    assert "degradation: trained 0, shared 0, skipped 2" in second.stdout
     assert "train " not in second.stdout and "epoch 1 step" not in second.stdout
     assert {p: p.stat().st_mtime_ns for p in runs_dir.rglob("*")} == before
 
