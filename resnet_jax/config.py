@@ -34,6 +34,7 @@ IDENTITY_FIELDS = (
     "base_width", "batch_size",
     "learning_rate", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
     "label_smoothing", "precision", "augment", "random_erasing", "seed", "train_examples",
+    "eval_examples",
 )
 
 
@@ -125,6 +126,8 @@ class Config:
                         "imagenet stem, except on a CPU)", choices=STEM_CONVS)
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
     train_examples: int | None = _f(None, "use only the first N training examples (quick runs)")
+    eval_examples: int | None = _f(None, "evaluate on only the first N test images (quick runs; "
+                                   "default: the whole test split)")
     max_steps: int | None = _f(None, "stop after this many steps in total, then evaluate and "
                                "checkpoint (smoke runs)")
     checkpoint_every: int = _f(1, "checkpoint every N epochs (and always at the end)")
@@ -171,7 +174,8 @@ def validate(config: Config) -> Config:
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}")
     if not config.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {config.learning_rate}")
-    for name in ("max_steps", "train_examples", "num_processes", "cardinality", "base_width"):
+    for name in ("max_steps", "train_examples", "eval_examples", "num_processes", "cardinality",
+                 "base_width"):
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")

@@ -615,10 +615,12 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         raise UserError(f"--batch_size {config.batch_size} is not divisible by the {mesh.size} "
                         "devices; use a multiple of the device count")
     dataset = data_lib.load_dataset(config.dataset, config.data_dir)
-    if config.train_examples:
-        dataset = dataclasses.replace(dataset,
-                                      train_images=dataset.train_images[:config.train_examples],
-                                      train_labels=dataset.train_labels[:config.train_examples])
+    if config.train_examples or config.eval_examples:
+        train, test = slice(config.train_examples), slice(config.eval_examples)
+        dataset = dataclasses.replace(
+            dataset, train_images=dataset.train_images[train],
+            train_labels=dataset.train_labels[train], test_images=dataset.test_images[test],
+            test_labels=dataset.test_labels[test])
     spec = dataset.spec
     model = build_model(config, spec.num_classes)
     if config.image_size < models.min_image_size(model):

@@ -76,6 +76,7 @@ def test_bad_flags_are_one_line_with_status_2(argv, message, capsys):
     ({"batch_size": -1}, "--batch_size must be positive, got -1"),
     ({"learning_rate": 0.0}, "--learning_rate must be positive, got 0.0"),
     ({"max_steps": 0}, "--max_steps must be positive, got 0"),
+    ({"eval_examples": 0}, "--eval_examples must be positive, got 0"),
     ({"label_smoothing": 1.0}, "--label_smoothing must be in [0, 1), got 1.0"),
     ({"random_erasing": 1.5}, "--random_erasing must be in [0, 1], got 1.5"),
     ({"schedule": "cosine", "warmup_epochs": 10}, "--warmup_epochs must be smaller"),

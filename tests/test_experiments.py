@@ -1,6 +1,7 @@
 """scripts/experiment.py and resnet_jax.experiments: every configuration of every experiment and
 preset validates, FLOPs-matched rows are matched, the report and plots are written from workdirs,
-and one real tiny experiment trains end to end, then is skipped (not retrained) when run again."""
+every experiment's tiny preset trains end to end, a run shared by several experiments
+trains once, and finished runs are skipped (not retrained) when run again."""
 
 import dataclasses
 import json
@@ -184,33 +185,52 @@ def test_identical_runs_are_shared_between_experiments(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_experiment_end_to_end_then_skipped(fashion_mnist_dir, tmp_path):
+def test_every_experiment_tiny_end_to_end_then_skipped(fashion_mnist_dir, tmp_path):
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
-    args = ["degradation", "--preset=tiny", "--rows=plain18,resnet18",
-            f"--data_dir={fashion_mnist_dir}", f"--runs_dir={runs_dir}", f"--out={out}"]
-    first = run_script(*args)
+    common = ["--preset=tiny", f"--data_dir={fashion_mnist_dir}", f"--runs_dir={runs_dir}",
+              f"--out={out}"]
+    first = run_script("all", *common, timeout=1800)
     assert first.returncode == 0, first.stderr[-2000:]
+    trained = 0
+    for experiment in ex.EXPERIMENTS:
+        summary = re.search(rf"^{experiment.name}: trained (\d+), shared (\d+), skipped 0 "
+                            r"finished, diverged 0$", first.stdout, re.M)
+        assert summary, (experiment.name, first.stdout[-3000:])
+        assert int(summary[1]) + int(summary[2]) == len(experiment.rows)
+        trained += int(summary[1])
+        folder = out / experiment.name / "tiny"
+        results = json.loads((folder / "results.json").read_text())
+        assert [r["row"] for r in results["rows"]] == [r.name for r in experiment.rows]
+        assert results["not_run"] == []
+        for plot in experiment.plots:
+            assert (folder / plot.file).read_bytes()[:8] == PNG, (experiment.name, plot.file)
+    # Each distinct run was trained once, whichever experiments it is a row of.
+    runs = [run for e in ex.EXPERIMENTS for run in ex.plan(e, "tiny", 1, runs_dir)]
+    assert trained == len({tuple(repr(ex._setting(run.settings, k)) for k in ex.TRAINING_FIELDS)
+                           for run in runs}) < len(runs)
     for row in ("plain18", "resnet18"):
         assert f"train {row}-seed0 in {runs_dir}/degradation/tiny/{row}-seed0" in first.stdout
-    assert "degradation: trained 2, shared 0, skipped 0" in first.stdout
+    assert "share resnet18-seed0: the same run finished in degradation/tiny/resnet18-seed0" in (
+        first.stdout)
 
     folder = out / "degradation" / "tiny"
     results = json.loads((folder / "results.json").read_text())
-    assert [r["row"] for r in results["rows"]] == ["plain18", "resnet18"]
-    assert results["not_run"] == ["plain34", "resnet34"]
     for row in results["rows"]:
         records = [json.loads(line) for line in (
             runs_dir / "degradation" / "tiny" / f"{row['row']}-seed0" / "metrics.jsonl"
         ).read_text().splitlines()]
         assert [r["step"] for r in records] == [8, 16]  # 256 examples, batch 32, 2 epochs
+        assert {r["val_count"] for r in records} == {1000}  # the tiny preset's eval_examples
         assert row["val_accuracy"]["mean"] == records[-1]["val_accuracy"]
         assert row["images_per_sec"]["mean"] == records[1]["images_per_sec"]
         assert row["wall_time"]["mean"] == records[-1]["wall_time"]
         assert row["params"] > 0 and row["flops"] > 0 and row["hardware"] == "cpu (cpu)"
-    assert "| plain18 | arch=plain18 |" in (folder / "table.md").read_text()
-    assert len((folder / "results.csv").read_text().splitlines()) == 3
-    assert (folder / "train_loss.png").read_bytes()[:8] == PNG
+    table = (folder / "table.md").read_text()
+    assert "| plain18 | arch=plain18 |" in table
+    assert "val accuracy is on the first 1,000 images of the test split" in table
+    assert len((folder / "results.csv").read_text().splitlines()) == 5
 
+    args = ["degradation", "--rows=plain18,resnet18", *common]
     # Again: both runs are found finished in their workdirs, and nothing in them changes.
     before = {p: p.stat().st_mtime_ns for p in runs_dir.rglob("*")}
     second = run_script(*args)
