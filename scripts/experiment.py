@@ -6,9 +6,9 @@
     python scripts/experiment.py degradation --preset gpu --seeds 3
 
 Each row and seed trains in its own workdir, RUNS_DIR/NAME/PRESET/ROW-seedK; running the same
-command again skips the finished runs and resumes an interrupted one. A run with the very settings
-and seed of one another experiment finished in RUNS_DIR is not trained again: its records
-(config.json, metrics.jsonl) are copied. The report goes to OUT/NAME/PRESET/: table.md,
+command again skips the finished runs and resumes an interrupted one. A run whose settings and
+seed equal those of a run another experiment finished in RUNS_DIR is not trained again: that run's
+records (config.json, metrics.jsonl) are copied. The report goes to OUT/NAME/PRESET/: table.md,
 results.csv, results.json and PNG plots. NAME `all` runs every experiment in turn. The report
 covers seeds 0 .. N-1 (--seeds) of every row whose run is finished; --report_only writes it from
 the finished runs without training (e.g. from records a GPU machine sent back).
