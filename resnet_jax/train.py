@@ -522,19 +522,6 @@ def evaluate_checkpoint(workdir: str | Path, checkpoint: str = "latest",
             "class_names": list(dataset.spec.class_names)}
 
 
-def predict_checkpoint(
-    workdir: str | Path, checkpoint: str = "latest", data_dir: str | None = None,
-    flip: bool = False, mesh: Mesh | None = None,
-) -> tuple[Config, np.ndarray, data_lib.Dataset, int]:
-    """Restores a checkpoint of `workdir` and predicts the whole test split: the run's Config,
-    the class probabilities [num_test, classes] (see `make_predict_loop`), the dataset and the
-    restored step."""
-    mesh = mesh if mesh is not None else make_mesh()
-    config, state, dataset, step = restore_state(workdir, checkpoint, data_dir, mesh)
-    probs = _predict(config, state, dataset, put_dataset(dataset, mesh), mesh, flip)
-    return config, probs, dataset, step
-
-
 def _predict(config: Config, state: TrainState, dataset: data_lib.Dataset, ddata: DeviceData,
              mesh: Mesh, flip: bool) -> np.ndarray:
     """Probabilities [num_test, classes] of `state` (a run of `config`) on `dataset`'s test
