@@ -8,7 +8,9 @@ checkpoint written on 2 processes x 2 devices restores on 1 device and back) and
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -81,18 +84,20 @@ class Checkpointer:
             raise ValueError("not a resnet_jax checkpoint")
         return meta
 
-    def restore(self, abstract_tree: Any, step: int | None = None) -> Restored | None:
-        """Restores `step`, or the newest checkpoint that can be read.
+    def restore(self, abstract_tree: Any, steps: Sequence[int] | None = None
+                ) -> Restored | None:
+        """Restores the first checkpoint of `steps` that can be read (default: newest first).
 
-        A damaged newest checkpoint (truncated or unreadable files) is skipped with a warning
-        naming it, and the next older one is tried. Returns None when there are no checkpoints;
-        raises UserError when there are some but none can be read.
+        A damaged checkpoint (truncated or unreadable files) is skipped with a warning naming
+        it, and the next one is tried. Returns None when there are no checkpoints; raises
+        UserError when none of `steps` can be read. A writable checkpointer moves the damaged
+        checkpoints newer than the restored one to `damaged_checkpoints/` beside its directory:
+        the resumed run writes those steps again, which Orbax refuses while they exist.
         """
-        steps = self.steps()
-        if not steps:
+        if not self.steps():
             return None
-        candidates = [step] if step is not None else list(reversed(steps))
-        errors = []
+        candidates = list(steps) if steps is not None else list(reversed(self.steps()))
+        errors, damaged = [], []
         for s in candidates:
             try:
                 meta = self.read_meta(s)
@@ -103,21 +108,50 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 errors.append(f"step {s}: {reason}")
+                damaged.append(s)
                 warnings.warn(f"skipping unreadable checkpoint {self.directory / str(s)}: "
                               f"{reason}", stacklevel=2)
                 continue
+            if not self.read_only:
+                self._set_aside([d for d in damaged if d > s])
             return Restored(step=s, tree=tree, meta=meta)
         raise UserError(f"no usable checkpoint in {self.directory} ({'; '.join(errors)}); "
                         "use --overwrite to start again")
 
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        aside = self.directory.parent / "damaged_checkpoints"
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for s in steps:
+                target = aside / str(s)
+                shutil.rmtree(target, ignore_errors=True)  # an older damaged copy of the step
+                (self.directory / str(s)).rename(target)
+                warnings.warn(f"moved the unreadable checkpoint of step {s} to {target}",
+                              stacklevel=3)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-def best_step(checkpointer: Checkpointer) -> int:
-    """The kept step with the highest val_accuracy in the run's history."""
+            multihost_utils.sync_global_devices("resnet_jax_damaged_checkpoints")
+        self.manager.reload()
+
+
+def best_steps(checkpointer: Checkpointer) -> list[int]:
+    """The kept steps, highest val_accuracy in the run's history first (then the newest).
+
+    The history is read from the newest checkpoint whose metadata can be read; kept steps
+    without a val_accuracy (mid-epoch saves) come last, newest first.
+    """
     steps = checkpointer.steps()
     if not steps:
         raise UserError(f"no checkpoints in {checkpointer.directory}")
-    history = checkpointer.read_meta(steps[-1]).get("history", [])
+    history = []
+    for s in reversed(steps):
+        try:
+            history = checkpointer.read_meta(s).get("history", [])
+            break
+        except Exception:  # noqa: BLE001 - damaged: an older one holds the history too
+            continue
     scored = {r["step"]: r["val_accuracy"] for r in history if r["step"] in steps}
-    if not scored:
-        return steps[-1]
-    return max(scored, key=lambda s: (scored[s], s))
+    return sorted(steps, key=lambda s: (s in scored, scored.get(s, 0.0), s), reverse=True)

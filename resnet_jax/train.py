@@ -474,7 +474,7 @@ def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str
     Returns the run's Config, the TrainState, the dataset and the restored step. A `dataset`
     already loaded is used, not read again, if it is the one the run was trained on.
     """
-    from resnet_jax.checkpoint import best_step
+    from resnet_jax.checkpoint import best_steps
 
     config = load_config(workdir)
     if data_dir:
@@ -492,15 +492,15 @@ def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str
         if not steps:
             raise UserError(f"no checkpoints in {checkpointer.directory}")
         if checkpoint == "latest":
-            step = None
+            candidates = None
         elif checkpoint == "best":
-            step = best_step(checkpointer)
+            candidates = best_steps(checkpointer)
         elif checkpoint.isdigit() and int(checkpoint) in steps:
-            step = int(checkpoint)
+            candidates = [int(checkpoint)]
         else:
             raise UserError(f"--checkpoint {checkpoint!r} not found; valid: best, latest, "
                             + ", ".join(map(str, steps)))
-        restored = checkpointer.restore(abstract, step=step)
+        restored = checkpointer.restore(abstract, candidates)
     finally:
         checkpointer.close()
     state = TrainState(apply_fn=model.apply, tx=tx, **restored.tree["state"])

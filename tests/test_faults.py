@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -136,6 +137,27 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, run
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*24"):
         _, _, _, step = restore_state(workdir)
     assert step == 16
+    # The best checkpoint by val_accuracy, or the next best where that is the damaged one.
+    accuracy = {r["step"]: r["val_accuracy"] for r in history(ref_dir)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, _, best = restore_state(workdir, "best")
+    assert best == max((8, 16), key=lambda s: (accuracy[s], s))
+    assert (workdir / "checkpoints" / "24").is_dir()  # reading moves nothing
+
+    # Training resumes from step 16 and writes step 24 again: the damaged one is moved aside,
+    # and the run ends as the uninterrupted one did.
+    out = run_train(f"--workdir={workdir}", *TINY, *EPOCHS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(step 16)" in out.stdout
+    assert "moved the unreadable checkpoint of step 24" in out.stderr
+    assert _checkpoint_files(workdir / "damaged_checkpoints" / "24" / "state")
+    _, ref_state = restore(ref_dir)
+    step, state = restore(workdir)
+    assert step == 24
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["val_accuracy"] for r in history(workdir)] == list(accuracy.values())
 
     # A half-written save (what a kill during an async write leaves) is not a checkpoint.
     tmp = workdir / "checkpoints" / "32.orbax-checkpoint-tmp-1234"
