@@ -258,8 +258,7 @@ def forward_flops(case: Case) -> dict[str, Any]:
     key = (case.arch, case.num_classes, case.width, case.stem, case.cardinality, case.base_width,
            case.image_size, case.channels)
     if key not in _FORWARD_CACHE:
-        model = train_lib.build_model(case.config().replace(precision="fp32", stem_conv="direct"),
-                                      case.num_classes)
+        model = train_lib.build_model(case.config().replace(precision="fp32"), case.num_classes)
         shape = (1, case.image_size, case.image_size, case.channels)
         _FORWARD_CACHE[key] = models.model_flops(model, shape)
     return _FORWARD_CACHE[key]

@@ -236,6 +236,14 @@ def test_model_flops_scale_with_area():
     assert small["params"] == models.param_count(models.abstract_variables(model, (1, 8, 8, 3)))
 
 
+def test_model_flops_do_not_count_the_space_to_depth_padding():
+    # The space-to-depth stem zero-pads its 7x7 kernel to 8x8; the model's FLOPs are the same.
+    shape = (1, 32, 32, 1)
+    direct, s2d = (models.model_flops(models.create_model("resnet18", width=8, stem_conv=c),
+                                      shape) for c in ("direct", "space_to_depth"))
+    assert direct == s2d
+
+
 # ---------------------------------------------------------------------------------------------
 # Batch norm: train mode updates the statistics, eval mode uses them
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +302,25 @@ def test_residual_block_matches_the_chapter_by_hand(variant):
     out = block.apply(variables, x, train=False)
     chex.assert_shape(out, (2, 5, 5, 16))  # PyTorch: floor((9 + 2 - 3) / 2) + 1
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["d2l", "torchvision"])
+def test_bottleneck_block_by_hand(variant):
+    # torchvision's v1.5 layout: the stride on the grouped 3x3 conv, ReLU after the addition.
+    block = models.Bottleneck(8, use_1x1conv=True, strides=2, cardinality=2, base_width=32,
+                              variant=variant, grouped_conv="native")
+    variables = random_variables(block, (2, 9, 9, 16))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 9, 9, 16)), jnp.float32)
+    p, s = variables["params"], variables["batch_stats"]
+    y = jax.nn.relu(bn(conv(x, p["conv1"]), p["bn1"], s["bn1"]))
+    y = jax.nn.relu(bn(conv(y, p["conv2"], 2, groups=2), p["bn2"], s["bn2"]))
+    y = bn(conv(y, p["conv3"]), p["bn3"], s["bn3"])
+    shortcut = conv(x, p["downsample_conv"], 2)
+    if variant == "torchvision":
+        shortcut = bn(shortcut, p["downsample_bn"], s["downsample_bn"])
+    out = block.apply(variables, x, train=False)
+    chex.assert_shape(out, (2, 5, 5, 32))  # 4 x 8 channels out
+    np.testing.assert_allclose(out, jax.nn.relu(y + shortcut), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,6 +627,7 @@ def test_preact_network_stem_first_stage_and_head_by_hand():
         ("resnet18", {"stem_conv": "space_to_depth", "stem": "small"},
          r"stem_conv='space_to_depth' applies to the imagenet stem only"),
         ("resnet18", {"grouped_conv": "split"}, r"unknown option\(s\) grouped_conv"),
+        ("plain18", {"zero_init_residual": True}, r"zero_init_residual needs the shortcuts"),
     ],
 )
 def test_bad_names_and_options_raise_value_error(name, options, match):
