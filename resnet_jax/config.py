@@ -93,7 +93,8 @@ class Config:
     learning_rate: float = _f(0.01, "peak learning rate")
     optimizer: str = _f("sgd", "one of " + ", ".join(OPTIMIZERS), choices=OPTIMIZERS)
     momentum: float = _f(0.9, "momentum for the momentum and nesterov optimizers (adamw: b1)")
-    weight_decay: float = _f(0.0, "decoupled for adamw, L2 added to the gradient otherwise")
+    weight_decay: float = _f(0.0, "decoupled for adamw, L2 added to the gradient otherwise; "
+                             "on every parameter, BN scales and biases included (as PyTorch's)")
     schedule: str = _f("constant", "learning-rate schedule: " + ", ".join(SCHEDULES),
                        choices=SCHEDULES)
     warmup_epochs: float = _f(0.0, "linear warm-up from 0 to the peak rate, in epochs")

@@ -17,7 +17,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Writes `text` to `path` so that a reader or a crash sees the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -82,8 +83,8 @@ class MetricsWriter:
         """Starts from `history` (from the checkpoint being resumed), rewriting metrics.jsonl."""
         self.history = list(history)
         if self.enabled:
-            _atomic_write(self.workdir / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in self.history))
+            atomic_write(self.workdir / "metrics.jsonl",
+                         "".join(json.dumps(r) + "\n" for r in self.history))
 
     def write(self, record: dict) -> None:
         self.history.append(record)
@@ -92,9 +93,13 @@ class MetricsWriter:
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is None:
-            self._tb = _summary_writer_class()(str(self.workdir / "tensorboard"))
+            # A resumed run logs the steps after its checkpoint again: purge_step hides the
+            # events a killed run had logged from there on, as metrics.jsonl is rewritten.
+            self._tb = _summary_writer_class()(str(self.workdir / "tensorboard"),
+                                               purge_step=record["step"])
         for key, value in record.items():
-            if key not in ("epoch", "step") and isinstance(value, int | float):
+            if (key not in ("epoch", "step") and isinstance(value, int | float)
+                    and not isinstance(value, bool)):
                 self._tb.add_scalar(key, value, record["step"])
         self._tb.flush()
         if self._plot is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from resnet_jax.config import Config
+from resnet_jax.errors import UserError
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -12,6 +13,9 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedu
     total = max(1, config.epochs * steps_per_epoch)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     if config.schedule == "cosine":
+        if warmup >= total:
+            raise UserError(f"--warmup_epochs {config.warmup_epochs:g} is {warmup} steps, the "
+                            f"whole run of {total}; the cosine decay needs steps after it")
         if warmup:
             return optax.warmup_cosine_decay_schedule(
                 0.0, config.learning_rate, warmup_steps=warmup, decay_steps=total)

@@ -37,7 +37,7 @@ from resnet_jax import models
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.config import Config, identity, identity_diff, validate
 from resnet_jax.errors import UserError
-from resnet_jax.metrics import MetricsWriter, Progress, format_record
+from resnet_jax.metrics import MetricsWriter, Progress, atomic_write, format_record
 from resnet_jax.optimizer import create_optimizer
 
 # Random streams, all derived from the seed alone (never from wall time or process history), so
@@ -631,7 +631,8 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             "steps_per_dispatch": dispatch, "data_source": dataset.source,
             "stem_conv": models.resolve_stem_conv(config.stem_conv, config.stem),
             "jax_version": jax.__version__}}
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        # Atomic: the other processes may be reading it (_check_workdir), or a kill may land.
+        atomic_write(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
 
     dtype = compute_dtype(config)
     tx = create_optimizer(config, steps_per_epoch)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 from conftest import REPO
 
@@ -52,3 +53,39 @@ def test_writer_keeps_a_torch_the_caller_imported(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def _events(path):
+    """The Event protos of a TensorBoard events file (TFRecord framing: length, crc, data, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, events, pos = path.read_bytes(), [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 8], "little")
+        events.append(Event.FromString(data[pos + 12:pos + 12 + length]))
+        pos += 12 + length + 4
+    return events
+
+
+def test_a_resumed_writer_purges_the_events_after_its_checkpoint(tmp_path):
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    from resnet_jax.metrics import MetricsWriter
+
+    # A first process logged both epochs and was killed; the second resumes after epoch 1.
+    for history, records in (([], RECORDS), (RECORDS[:1], [{**RECORDS[1], "partial": True}])):
+        time.sleep(1.1)  # events files are named by the second they were opened in
+        writer = MetricsWriter(tmp_path)
+        writer.reset(history)
+        for record in records:
+            writer.write(record)
+        writer.close()
+    first, second = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"),
+                           key=lambda p: p.stat().st_mtime_ns)
+    def starts(path):
+        return [e.step for e in _events(path) if e.session_log.status == SessionLog.START]
+
+    assert starts(first) == [RECORDS[0]["step"]]
+    assert starts(second) == [RECORDS[1]["step"]]  # TensorBoard hides the first's from there
+    tags = {v.tag for e in _events(second) for v in e.summary.value}
+    assert "val_accuracy" in tags and "partial" not in tags

@@ -60,3 +60,13 @@ def test_momentum_optimizers_accumulate(name):
         updates, state = tx.update({"w": jnp.array([1.0])}, state, params)
         steps.append(-float(updates["w"][0]))
     assert np.all(np.diff(steps) > 0)  # the same gradient moves further each step
+
+
+def test_a_warmup_as_long_as_the_cosine_run_is_a_user_error():
+    from resnet_jax.errors import UserError
+
+    # 0.96 of an epoch of 10 steps rounds to 10 warm-up steps: no decay would be left.
+    config = Config(schedule="cosine", epochs=1, warmup_epochs=0.96)
+    with pytest.raises(UserError, match="--warmup_epochs 0.96 is 10 steps, the whole run of 10"):
+        create_optimizer(config, steps_per_epoch=10)
+    create_optimizer(config.replace(warmup_epochs=0.9), steps_per_epoch=10)
