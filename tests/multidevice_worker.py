@@ -1,5 +1,6 @@
 """Run by test_train.py in a fresh process with 8 fake CPU devices: trains two steps of a tiny
-model on a 1-device mesh and on an 8-device mesh and compares params and batch_stats."""
+model (with augmentation) on a 1-device mesh and on an 8-device mesh and compares params and
+batch_stats."""
 
 import sys
 
@@ -43,7 +44,9 @@ def run(devices):
     # them in float64 too.
     state = state.replace(batch_stats=jax.tree.map(lambda x: x.astype(dtype), state.batch_stats))
     state = state.replace(**replicate(state.arrays(), mesh))
-    loop = make_train_loop(mesh, batch_size=32, image_size=16, seed=0, dtype=dtype)
+    # With every per-example random draw on: they must not depend on how the batch is split.
+    loop = make_train_loop(mesh, batch_size=32, image_size=16, seed=0, augment=True,
+                           random_erasing=0.5, label_smoothing=0.1, dtype=dtype)
     perm = data_lib.epoch_permutation(0, 0, 64)
     state, _, _ = loop(state, replicate(empty_accum(), mesh), replicate(host, mesh), perm,
                        np.int32(0), np.int32(2))
