@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from resnet_jax.models import (  # one list of choices for models and flags
     GROUPED_CONVS,
     STEM_CONVS,
     STEMS,
+    list_models,
 )
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
@@ -77,7 +79,7 @@ class Config:
     preset: str | None = _f(None, "a named set of defaults that explicit flags override: quick "
                             "(a CPU run to >= 0.85 in minutes: " + ", ".join(
                                 f"--{k}={v}" for k, v in PRESETS["quick"].items()) + ")")
-    arch: str = _f("resnet18", "model name from resnet_jax.list_models()")
+    arch: str = _f("resnet18", "the model: " + ", ".join(list_models()))
     dataset: str = _f("fashion_mnist", "TFDS dataset name (fashion_mnist, mnist, kmnist, cifar10)")
     data_dir: str | None = _f(
         None,
@@ -157,6 +159,13 @@ def validate(config: Config) -> Config:
     """Checks what can be checked without JAX devices or data; raises UserError (one line)."""
     from resnet_jax import models  # Local: keeps `--help` fast.
 
+    for name in ("workdir", "data_dir", "compilation_cache"):
+        if getattr(config, name) == "":  # would silently mean the current directory
+            raise UserError(f"--{name} is empty; give a path")
+    for name in ("learning_rate", "momentum", "weight_decay", "warmup_epochs",
+                 "label_smoothing", "random_erasing"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name} must be a finite number, got {getattr(config, name)}")
     if config.arch not in models.list_models():
         raise UserError(f"unknown --arch {config.arch!r}; valid: {', '.join(models.list_models())}")
     from resnet_jax import data
@@ -184,8 +193,10 @@ def validate(config: Config) -> Config:
         raise UserError(f"--steps_per_dispatch must be >= 0, got {config.steps_per_dispatch}")
     if not 0 <= config.seed < 2**31:  # an int32 inside the programs (JAX would wrap larger ones)
         raise UserError(f"--seed must be in [0, {2**31 - 1}], got {config.seed}")
-    if config.weight_decay < 0 or config.warmup_epochs < 0 or config.momentum < 0:
-        raise UserError("--weight_decay, --warmup_epochs and --momentum must be >= 0")
+    if config.weight_decay < 0 or config.warmup_epochs < 0:
+        raise UserError("--weight_decay and --warmup_epochs must be >= 0")
+    if not 0 <= config.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {config.momentum}")
     if not 0 <= config.random_erasing <= 1:
         raise UserError(f"--random_erasing must be in [0, 1], got {config.random_erasing}")
     if not 0 <= config.label_smoothing < 1:

@@ -337,22 +337,28 @@ def _check_workdir(config: Config, is_main: bool) -> Path:
         raise UserError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
     ckpt_dir = workdir / "checkpoints"
     if config.overwrite and is_main:
-        for name in ("checkpoints", "tensorboard"):
+        for name in ("checkpoints", "damaged_checkpoints", "tensorboard"):
             shutil.rmtree(workdir / name, ignore_errors=True)
         for name in ("config.json", "metrics.jsonl", "curves.png"):
             (workdir / name).unlink(missing_ok=True)
     _barrier("workdir")
     saved_path = workdir / "config.json"
-    if saved_path.exists():
+    # A run that saved no checkpoint (it failed to start, or was killed in its first epoch) has
+    # nothing to resume: a corrected command may start afresh in its workdir.
+    saved_steps = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if saved_path.exists() and saved_steps:
         try:
             saved = json.loads(saved_path.read_text())
         except (OSError, ValueError):
-            raise UserError(f"{saved_path} is unreadable; use --overwrite to start again") from None
+            saved = None
+        if not isinstance(saved, dict):
+            raise UserError(f"{saved_path} is unreadable or not a training config; use "
+                            "--overwrite to start again") from None
         diff = identity_diff(identity(config), saved)
         if diff:
             raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(diff)}); "
                             "use --overwrite to start again or another --workdir")
-    elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    elif not saved_path.exists() and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise UserError(f"--workdir {workdir} holds checkpoints of an unknown run (no "
                         "config.json); use --overwrite to start again or another --workdir")
     return workdir
@@ -623,17 +629,6 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         total_steps = min(total_steps, config.max_steps)
     dispatch = config.steps_per_dispatch or (1 if jax.default_backend() == "cpu" else 100)
     workdir = _check_workdir(config, is_main)
-    if is_main:
-        resolved = {**dataclasses.asdict(config), "resolved": {
-            "devices": mesh.size, "processes": jax.process_count(),
-            "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "steps_per_dispatch": dispatch, "data_source": dataset.source,
-            "stem_conv": models.resolve_stem_conv(config.stem_conv, config.stem),
-            "jax_version": jax.__version__}}
-        # Atomic: the other processes may be reading it (_check_workdir), or a kill may land.
-        atomic_write(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
-
     dtype = compute_dtype(config)
     tx = create_optimizer(config, steps_per_epoch)
     replicated = NamedSharding(mesh, P())
@@ -646,6 +641,22 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
     eval_idx, eval_mask = data_lib.eval_batches(len(dataset.test_labels), config.batch_size)
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
     restored = checkpointer.restore(abstract)
+    if restored is not None and restored.step > total_steps:
+        checkpointer.close()
+        raise UserError(f"--workdir {workdir} holds step {restored.step}, past this run's last "
+                        f"step {total_steps}; give more --epochs (or --max_steps), or use "
+                        "--overwrite to start again")
+    if is_main:
+        resolved = {**dataclasses.asdict(config), "resolved": {
+            "devices": mesh.size, "processes": jax.process_count(),
+            "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "steps_per_dispatch": dispatch, "data_source": dataset.source,
+            "stem_conv": models.resolve_stem_conv(config.stem_conv, config.stem),
+            "jax_version": jax.__version__}}
+        # Atomic: the other processes may be reading it (_check_workdir), or a kill may land.
+        atomic_write(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
+
     compiler = ThreadPoolExecutor(1, thread_name_prefix="compile")
     if (restored.step if restored else 0) < total_steps:  # (a finished run compiles nothing)
         train_compiled, eval_compiled = _compile_ahead(
@@ -692,9 +703,11 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             loss = float(chunk_loss) / n  # Blocks on this chunk only; the next one is queued.
             if not np.isfinite(loss):
                 bad = int(accum["nonfinite_step"])  # steps done before the bad one
+                kept = checkpointer.steps()
                 raise DivergedError(
                     f"loss became {loss} at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); "
-                    f"the last good checkpoint is kept in {checkpointer.directory}")
+                    + (f"the last good checkpoint, step {kept[-1]}, is kept in "
+                       f"{checkpointer.directory}" if kept else "no checkpoint had been saved"))
             progress.update(n, n * config.batch_size, loss)
 
         if step < total_steps:

@@ -183,6 +183,15 @@ def test_workdir_mismatch_and_overwrite(reference, run_train, tmp_path):
     assert "holds a different run (arch: 'resnet18' -> 'resnet34')" in out.stderr
     assert "--overwrite" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    # Fewer epochs than the checkpoints hold: refused, not "done" with a contradicting config.
+    out = run_train(f"--workdir={workdir}", *TINY, "--epochs=2")
+    assert out.returncode == 2
+    assert "holds step 24, past this run's last step 16" in out.stderr
+    config = (workdir / "config.json").read_text()
+    (workdir / "config.json").write_text("[1, 2]")
+    out = run_train(f"--workdir={workdir}", *TINY, *EPOCHS)
+    assert out.returncode == 2 and "is unreadable or not a training config" in out.stderr
+    (workdir / "config.json").write_text(config)
 
     # Checkpoints without config.json: never silently overwritten.
     (workdir / "config.json").unlink()
@@ -202,9 +211,13 @@ def test_divergence_stops_with_the_step(run_train, tmp_path):
     assert out.returncode == 3, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error: loss became ") and " at step " in last
-    assert "(epoch 1)" in last
+    assert "(epoch 1)" in last and last.endswith("no checkpoint had been saved")
     # Nothing was saved after the loss stopped being finite.
     assert not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+    # With no checkpoint there is nothing to resume: the corrected command may use the workdir.
+    out = run_train(f"--workdir={workdir}", *TINY, "--epochs=1", "--max_steps=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((workdir / "config.json").read_text())["learning_rate"] == 0.01
 
 
 def _idx(path, magic, dims, payload):
