@@ -80,6 +80,12 @@ def test_bad_flags_are_one_line_with_status_2(argv, message, capsys):
     ({"label_smoothing": 1.0}, "--label_smoothing must be in [0, 1), got 1.0"),
     ({"random_erasing": 1.5}, "--random_erasing must be in [0, 1], got 1.5"),
     ({"schedule": "cosine", "warmup_epochs": 10}, "--warmup_epochs must be smaller"),
+    ({"learning_rate": float("inf")}, "--learning_rate must be a finite number, got inf"),
+    ({"weight_decay": float("nan")}, "--weight_decay must be a finite number, got nan"),
+    ({"warmup_epochs": float("nan")}, "--warmup_epochs must be a finite number, got nan"),
+    ({"momentum": 1.0}, "--momentum must be in [0, 1), got 1.0"),
+    ({"workdir": ""}, "--workdir is empty; give a path"),
+    ({"data_dir": ""}, "--data_dir is empty; give a path"),
 ])
 def test_validate_rejects_bad_values(changes, message):
     with pytest.raises(UserError, match=None) as excinfo:
