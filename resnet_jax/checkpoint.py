@@ -106,7 +106,7 @@ class Checkpointer:
                 tree = restored["state"]
                 jax.block_until_ready(tree)
             except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
                 errors.append(f"step {s}: {reason}")
                 damaged.append(s)
                 warnings.warn(f"skipping unreadable checkpoint {self.directory / str(s)}: "
@@ -115,8 +115,9 @@ class Checkpointer:
             if not self.read_only:
                 self._set_aside([d for d in damaged if d > s])
             return Restored(step=s, tree=tree, meta=meta)
-        raise UserError(f"no usable checkpoint in {self.directory} ({'; '.join(errors)}); "
-                        "use --overwrite to start again")
+        advice = ("" if self.read_only else
+                  "; use --overwrite to start again")  # (reading: the run's command decides)
+        raise UserError(f"no usable checkpoint in {self.directory} ({'; '.join(errors)}){advice}")
 
     def _set_aside(self, steps: list[int]) -> None:
         if not steps:

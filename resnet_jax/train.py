@@ -468,8 +468,21 @@ def load_config(workdir: str | Path) -> Config:
         raise UserError(f"{path} not found: is --workdir a training workdir?") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is unreadable: {e}") from None
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in saved.items() if k in names})
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a training config (not a JSON object)")
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+    values = {}
+    for f in dataclasses.fields(Config):
+        if f.name in saved:
+            value = saved[f.name]
+            allowed = tuple(kinds[t.strip()] for t in str(f.type).split("|"))
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise UserError(f"{path}: {f.name} is {value!r}, not of type {f.type}")
+            values[f.name] = value
+    try:
+        return validate(Config(**values))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str | None = None,
@@ -487,7 +500,13 @@ def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str
         config = config.replace(data_dir=data_dir)
     mesh = mesh if mesh is not None else make_mesh()
     if dataset is None or dataset.spec.tfds_name != config.dataset:
-        dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+        try:
+            dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+        except UserError as e:
+            if data_dir:
+                raise
+            raise UserError(f"{e} (the run's data_dir, from {Path(workdir) / 'config.json'}; "
+                            "give --data_dir)") from None
     num_train = min(len(dataset.train_labels), config.train_examples or len(dataset.train_labels))
     model = build_model(config, dataset.spec.num_classes)
     tx = create_optimizer(config, data_lib.steps_per_epoch(num_train, config.batch_size))
@@ -504,8 +523,8 @@ def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str
         elif checkpoint.isdigit() and int(checkpoint) in steps:
             candidates = [int(checkpoint)]
         else:
-            raise UserError(f"--checkpoint {checkpoint!r} not found; valid: best, latest, "
-                            + ", ".join(map(str, steps)))
+            raise UserError(f"--checkpoint {checkpoint!r} not found in {workdir}; valid: best, "
+                            "latest, " + ", ".join(map(str, steps)))
         restored = checkpointer.restore(abstract, candidates)
     finally:
         checkpointer.close()

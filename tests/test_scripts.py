@@ -77,6 +77,13 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     missing = evaluate_many("--workdir", str(workdir), str(tmp_path / "nothing"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "config.json not found" in missing.stderr.strip().splitlines()[-1]
+    (tmp_path / "edited").mkdir()
+    config = json.loads((workdir / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "precision": "fp8"}))
+    edited = evaluate_many("--workdir", str(tmp_path / "edited"))
+    assert edited.returncode == 2 and "Traceback" not in edited.stderr
+    assert edited.stderr.strip().splitlines()[-1].endswith(
+        "edited/config.json: unknown --precision 'fp8'; valid: fp32, bf16")
 
 
 def test_compilation_cache_serves_a_second_run(run_train, tmp_path):
