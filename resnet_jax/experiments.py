@@ -696,10 +696,34 @@ def _eval_set(experiment: Experiment, preset: str, rows: list[dict]) -> str:
     return f"the whole test split ({count} images)"
 
 
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Creates `folder` if needed and checks that files can be written there (one-line error)."""
+    path = Path(folder)
+    if not str(folder):
+        raise UserError(f"{flag} is empty; give a path")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
+
+
 def write_report(experiment: Experiment, preset: str, seeds: int, runs_dir: str | Path,
-                 out: str | Path, data_dir: str | None = None) -> Path:
-    """Writes table.md, results.csv, results.json and the plots into OUT/NAME/PRESET."""
+                 out: str | Path, data_dir: str | None = None, require_runs: bool = False
+                 ) -> Path:
+    """Writes table.md, results.csv, results.json and the plots into OUT/NAME/PRESET.
+
+    With ``require_runs``, a runs dir without any finished run of the experiment is a
+    UserError (a mistyped --runs_dir must not replace a report with an empty one).
+    """
     rows, missing = collect(experiment, preset, seeds, runs_dir, data_dir)
+    if require_runs and not rows:
+        raise UserError(f"no finished run of {experiment.name} ({preset} preset) in {runs_dir}; "
+                        "nothing to report")
     folder = Path(out) / experiment.name / preset
     folder.mkdir(parents=True, exist_ok=True)
     setup = _shared_setup(experiment, preset)

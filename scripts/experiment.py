@@ -64,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.name:
             raise UserError("name an experiment (see --list) or all")
         chosen = ex.EXPERIMENTS if args.name == "all" else [ex.get_experiment(args.name)]
-        rows = [r for r in args.rows.split(",") if r]
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         if rows and len(chosen) > 1:
             raise UserError("--rows needs one experiment, not all")
+        if not args.dry_run:  # fail now, not after hours of training
+            ex.check_writable(args.out, "--out")
         status = 0
         for experiment in chosen:
             runs = ex.plan(experiment, preset, args.seeds, args.runs_dir, args.data_dir, rows)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.report_only:
                 folder = ex.write_report(experiment, preset, args.seeds, args.runs_dir, args.out,
-                                         args.data_dir)
+                                         args.data_dir, require_runs=True)
                 print(f"{experiment.name}: wrote {folder}/table.md from the finished runs")
                 continue
             outcomes = ex.run_experiment(experiment, preset, args.seeds, args.runs_dir,

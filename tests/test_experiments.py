@@ -58,7 +58,7 @@ def test_cli_list_and_one_line_errors():
     assert "image_size=96" in listed.stdout
     for args, message in ((["nope"], "unknown experiment 'nope'"),
                           (["depth", "--preset=huge"], "unknown --preset 'huge'"),
-                          (["depth", "--rows=resnet19"], "unknown row(s) resnet19"),
+                          (["depth", "--rows=resnet18, resnet19"], "unknown row(s) resnet19"),
                           (["depth", "--seeds=0"], "--seeds must be positive")):
         result = run_script(*args)
         assert result.returncode == 2, (args, result.stderr)
@@ -182,6 +182,17 @@ def test_identical_runs_are_shared_between_experiments(tmp_path):
     assert "reported in each): resnet18 (seed 0: depth/tiny)." in table
     assert sorted(p.name for p in runs_dir.glob("*/*/*")) == [
         "chapter-seed0", "resnet18-seed0", "resnet18-seed0"]
+
+    # A runs dir with no finished run of it (a typo) leaves the report alone; an --out that
+    # cannot be written is refused before anything trains.
+    a_file = out / "preact" / "tiny" / "table.md"
+    for args, message in (([f"--runs_dir={tmp_path / 'typo'}", f"--out={out}"],
+                           "no finished run of preact (tiny preset) in "),
+                          ([f"--runs_dir={runs_dir}", f"--out={a_file}"], "is a file, not")):
+        result = run_script("preact", "--preset=tiny", "--report_only", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr
+    assert a_file.read_text() == table
 
 
 @pytest.mark.slow
