@@ -33,9 +33,8 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # before training installed its handler, or a second Ctrl-C
+        _exit_interrupted(prog)
     except Exception as e:
         from resnet_jax.train import DivergedError
 
@@ -43,3 +42,21 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
             print(f"{prog}: error: {e}", file=sys.stderr)
             return EXIT_DIVERGED
         raise
+
+
+def _exit_interrupted(prog: str) -> None:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # At once, without the interpreter's teardown: a compilation may still be running on a
+    # worker thread, and finalising Python under it can crash the process.
+    os._exit(130)
+
+
+def main_guard(prog: str, main: Callable[[], int]) -> None:
+    """Runs a script's `main` (imports included) and exits with its status; Ctrl-C is one line."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        _exit_interrupted(prog)
+    sys.exit(status)

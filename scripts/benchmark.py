@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from resnet_jax.cli import run_main  # noqa: E402
+from resnet_jax.cli import main_guard, run_main  # noqa: E402
 from resnet_jax.models import GROUPED_CONVS, STEM_CONVS, STEMS  # noqa: E402
 
 PROG = "benchmark.py"
@@ -275,4 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard("benchmark.py", main)

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from resnet_jax.cli import run_main  # noqa: E402
+from resnet_jax.cli import main_guard, run_main  # noqa: E402
 
 
 def format_confusion(confusion, class_names: list[str]) -> str:
@@ -68,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard("evaluate.py", main)

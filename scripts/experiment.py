@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from resnet_jax.cli import EXIT_DIVERGED, run_main  # noqa: E402
+from resnet_jax.cli import EXIT_DIVERGED, main_guard, run_main  # noqa: E402
 
 
 def make_parser():
@@ -93,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard("experiment.py", main)

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from resnet_jax.cli import run_main  # noqa: E402
+from resnet_jax.cli import main_guard, run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard("train.py", main)
