@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -21,6 +22,24 @@ def quiet_logs() -> None:
     except ImportError:
         pass
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Creates `folder` if needed and checks that files can be written there (one-line error)."""
+    from resnet_jax.errors import UserError
+
+    path = Path(folder)
+    if not str(folder):
+        raise UserError(f"{flag} is empty; give a path")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
 
 
 def run_main(prog: str, job: Callable[[], int]) -> int:
@@ -41,6 +60,12 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
         if isinstance(e, DivergedError):
             print(f"{prog}: error: {e}", file=sys.stderr)
             return EXIT_DIVERGED
+        if "RESOURCE_EXHAUSTED" in str(e) and type(e).__name__.endswith("RuntimeError"):
+            # XLA could not allocate: the input asked too much of the device, not a bug.
+            reason = " ".join(str(e).split())[:300]
+            print(f"{prog}: error: out of device memory ({reason}); use a smaller --batch_size, "
+                  "--image_size or model", file=sys.stderr)
+            return EXIT_USER_ERROR
         raise
 
 

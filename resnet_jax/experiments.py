@@ -696,22 +696,6 @@ def _eval_set(experiment: Experiment, preset: str, rows: list[dict]) -> str:
     return f"the whole test split ({count} images)"
 
 
-def check_writable(folder: str | Path, flag: str) -> None:
-    """Creates `folder` if needed and checks that files can be written there (one-line error)."""
-    path = Path(folder)
-    if not str(folder):
-        raise UserError(f"{flag} is empty; give a path")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
-
-
 def write_report(experiment: Experiment, preset: str, seeds: int, runs_dir: str | Path,
                  out: str | Path, data_dir: str | None = None, require_runs: bool = False
                  ) -> Path:

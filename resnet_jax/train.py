@@ -312,7 +312,12 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
     """The model a Config names, with its options; a bad option is a UserError."""
     grouping = {k: getattr(config, k) for k in ("cardinality", "base_width")
                 if getattr(config, k) is not None}
-    if "grouped_conv" in models.model_options(config.arch):
+    options = models.model_options(config.arch)
+    if grouping and "cardinality" not in options:
+        bottlenecks = [n for n in models.list_models() if "cardinality" in models.model_options(n)]
+        raise UserError(f"--{next(iter(grouping))} applies to the bottleneck archs "
+                        f"({', '.join(bottlenecks)}), not {config.arch}")
+    if "grouped_conv" in options:
         grouping["grouped_conv"] = config.grouped_conv
     try:
         return models.create_model(config.arch, num_classes=num_classes,
@@ -627,6 +632,10 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         raise UserError(f"--batch_size {config.batch_size} is not divisible by the {mesh.size} "
                         "devices; use a multiple of the device count")
     dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+    for flag, asked, split in (("train_examples", config.train_examples, dataset.train_labels),
+                               ("eval_examples", config.eval_examples, dataset.test_labels)):
+        if asked is not None and asked > len(split):
+            raise UserError(f"--{flag} {asked} exceeds the {len(split)} examples of the split")
     if config.train_examples or config.eval_examples:
         train, test = slice(config.train_examples), slice(config.eval_examples)
         dataset = dataclasses.replace(

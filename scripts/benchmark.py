@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from resnet_jax.cli import main_guard, run_main  # noqa: E402
+from resnet_jax.cli import check_writable, main_guard, run_main  # noqa: E402
 from resnet_jax.models import GROUPED_CONVS, STEM_CONVS, STEMS  # noqa: E402
 
 PROG = "benchmark.py"
@@ -112,7 +112,8 @@ def make_parser() -> argparse.ArgumentParser:
                                                               _positive), **many,
                         help="train steps per jitted call: 1 is the trainer's separate "
                              "single-step program, >1 its in-jit loop; default 1 (CPU), 1 50 "
-                             "(accelerator); --end_to_end: 0 = the trainer's auto")
+                             "(accelerator); --end_to_end: one value, default the trainer's "
+                             "(1 on a CPU, 100 otherwise)")
     for name, text in (
             ("image_size", "side of the resized input; default 32 (CPU), 96 (accelerator and "
                            "--end_to_end)"),
@@ -198,6 +199,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     mesh = make_mesh()
     for case in cases:  # every flag error before any output or compilation
         benchmark.check_case(case, mesh)
+    if args.profile is not None:
+        check_writable(args.profile, "--profile")
     table = sys.stderr if args.json else sys.stdout
     device = jax.devices()[0]
     print(f"# {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
@@ -235,7 +238,9 @@ def run_end_to_end(args: argparse.Namespace) -> int:
     for name in ("image_size", "epochs", "width", "train_examples", "cardinality", "base_width"):
         if getattr(args, name) is not None:
             single[name] = getattr(args, name)
-    single["stem"] = args.stem
+    single.update(stem=args.stem, stem_conv=args.stem_conv, grouped_conv=args.grouped_conv)
+    if args.profile is not None:
+        raise UserError("--profile applies to the synthetic benchmark, not --end_to_end")
     for name in ("steps", "repeats", "num_classes", "channels", "source_size", "eval_examples"):
         if getattr(args, name) is not None:
             raise UserError(f"--{name} applies to the synthetic benchmark, not --end_to_end")

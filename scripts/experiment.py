@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from resnet_jax.cli import EXIT_DIVERGED, main_guard, run_main  # noqa: E402
+from resnet_jax.cli import EXIT_DIVERGED, check_writable, main_guard, run_main  # noqa: E402
 
 
 def make_parser():
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows and len(chosen) > 1:
             raise UserError("--rows needs one experiment, not all")
         if not args.dry_run:  # fail now, not after hours of training
-            ex.check_writable(args.out, "--out")
+            check_writable(args.out, "--out")
         status = 0
         for experiment in chosen:
             runs = ex.plan(experiment, preset, args.seeds, args.runs_dir, args.data_dir, rows)

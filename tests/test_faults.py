@@ -271,6 +271,12 @@ def _train_main(argv, capsys):
     (["--epochs=two"], "--epochs expects int, got 'two'"),
     (["--image_size=12", "--stem=imagenet"], "--image_size 12 is too small for resnet18"),
     (["--data_dir=/nonexistent/fmnist"], "/nonexistent/fmnist does not exist"),
+    (["--momentum=nan"], "--momentum must be a finite number, got nan"),
+    (["--workdir="], "--workdir is empty; give a path"),
+    (["--cardinality=4"], "--cardinality applies to the bottleneck archs (preact_resnet50, "),
+    (["--eval_examples=10001"], "--eval_examples 10001 exceeds the 10000 examples of the split"),
+    (["--schedule=cosine", "--epochs=1", "--warmup_epochs=0.9999", "--train_examples=1280"],
+     "--warmup_epochs 0.9999 is 10 steps, the whole run of 10"),
 ])
 def test_bad_flags_are_one_line_with_exit_2(args, message, capsys, tmp_path, fashion_mnist_dir):
     argv = [f"--workdir={tmp_path / 'w'}", f"--data_dir={fashion_mnist_dir}", *args]
