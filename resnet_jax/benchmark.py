@@ -44,16 +44,18 @@ from resnet_jax.optimizer import create_optimizer
 # 0.914, the plain Flax port 0.911; see shared/perf/h200-anchors.md).
 TARGET_ACCURACY = 0.906
 
-# Dense peak TFLOP/s per chip from the vendors' data sheets: (device_kind substring, bf16 tensor
-# core, fp32 without tensor cores). The first match wins, so "H100 PCIe" precedes "H100".
-# fp32 caveat: XLA runs float32 convolutions and matmuls on Ampere and later GPUs as TF32 on the
-# tensor cores by default (peaks 156 A100, 495 H100/H200), so an fp32 "MFU" against the
-# non-tensor peak may exceed 100%; it says how far past plain FP32 the TF32 path got, nothing more.
-PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H100 PCIe", 756.0, 51.0),
-    ("H100", 989.0, 67.0),   # SXM (device_kind "NVIDIA H100 80GB HBM3")
-    ("H200", 989.0, 67.0),
-    ("A100", 312.0, 19.5),
+# Dense (not sparse) peak TFLOP/s per chip from the vendors' data sheets: (device_kind substring,
+# bf16 tensor core, TF32 tensor core, fp32 without tensor cores). The first match wins, so the
+# NVL and PCIe cards precede the SXM ones. XLA runs float32 convolutions and matmuls as TF32 on
+# the tensor cores by default on these cards, so fp32 runs are measured against the TF32 peak,
+# unless jax_default_matmul_precision asks for full float32.
+PEAK_TFLOPS: tuple[tuple[str, float, float, float], ...] = (
+    ("H100 PCIe", 756.0, 378.0, 51.0),
+    ("H100 NVL", 835.0, 417.5, 60.0),
+    ("H200 NVL", 835.0, 417.5, 60.0),
+    ("H100", 989.0, 494.7, 67.0),   # SXM (device_kind "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0, 494.7, 67.0),
+    ("A100", 312.0, 156.0, 19.5),
 )
 
 # JAX's own monitoring events for tracing, lowering to MLIR and XLA compilation (stable names
@@ -66,11 +68,20 @@ _COMPILE_EVENTS = (
 _BACKEND_COMPILE_EVENT = _COMPILE_EVENTS[2]
 
 
+def peak_kind(precision: str) -> str:
+    """Which peak a run at `precision` is measured against: bf16, tf32 or fp32."""
+    if precision == "bf16":
+        return "bf16"
+    full = str(jax.config.jax_default_matmul_precision or "").lower()
+    return "fp32" if full in ("highest", "float32") else "tf32"
+
+
 def peak_tflops(device_kind: str, precision: str) -> float | None:
-    """The per-chip dense peak for `precision` on a known card, else None."""
-    for name, bf16, fp32 in PEAK_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return bf16 if precision == "bf16" else fp32
+    """The per-chip dense peak for `precision` (see `peak_kind`) on a known card, else None."""
+    column = {"bf16": 1, "tf32": 2, "fp32": 3}[peak_kind(precision)]
+    for row in PEAK_TFLOPS:
+        if row[0].lower() in device_kind.lower():
+            return row[column]
     return None
 
 
@@ -147,7 +158,8 @@ class Case:
         """Cases that share a compiled program (they differ only in steps per dispatch)."""
         return (self.arch, self.batch_size, self.precision, self.image_size, self.num_classes,
                 self.channels, self.width, self.stem, self.cardinality, self.base_width,
-                self.grouped_conv, self.stem_conv, self.source_size, self.seed)
+                self.grouped_conv, self.stem_conv, self.source_size, self.seed,
+                self.train_examples, self.eval_examples)
 
 
 def check_case(case: Case, mesh: Mesh) -> None:
@@ -367,11 +379,12 @@ def _time_train(group: _Group, case: Case) -> dict:
         losses.append(float(pending) / spd)
     per_dispatch = statistics.median(times) / dispatches
     rates = [steps * case.batch_size / t for t in times]
+    # Both from the median time, so that img/s and ms/step agree with an even number of repeats.
     return {"steps": steps, "dispatches": dispatches,
             "compile_s": timer.seconds, "compiled": timer.backend_compiles > 0,
             # The fallback estimate: what the first dispatch cost beyond a steady one.
             "first_dispatch_overhead_s": max(0.0, first - per_dispatch),
-            "train_images_per_sec": statistics.median(rates),
+            "train_images_per_sec": steps * case.batch_size / statistics.median(times),
             "train_images_per_sec_repeats": rates,
             "step_time_ms": 1e3 * statistics.median(times) / steps,
             "final_loss": losses[-1]}
@@ -442,12 +455,14 @@ def device_time_by_op(trace_dir: str | Path, steps: int = 1, top: int = 12) -> d
         row = kinds.setdefault(kind, {"kind": kind, "us": 0.0, "count": 0})
         row["us"] += float(e.get("dur", 0.0))
         row["count"] += 1
+    # Per device: with N GPUs each step runs N copies of every kernel.
+    per = steps * max(1, len(devices))
     total = sum(r["us"] for r in kinds.values())
     rows = sorted(kinds.values(), key=lambda r: -r["us"])[:top]
-    return {"device_ms_per_step": total / 1e3 / steps,
-            "kinds": [{"kind": r["kind"], "ms_per_step": r["us"] / 1e3 / steps,
+    return {"device_ms_per_step": total / 1e3 / per,
+            "kinds": [{"kind": r["kind"], "ms_per_step": r["us"] / 1e3 / per,
                        "share": r["us"] / total if total else 0.0,
-                       "count": r["count"] / steps} for r in rows]}
+                       "count": r["count"] / per} for r in rows]}
 
 
 def profile_line(r: dict) -> str:
@@ -509,7 +524,7 @@ def run_cases(cases: list[Case], mesh: Mesh | None = None,
                                                      peak_before is None or peak > peak_before),
             "train_flops_per_image": flops, "forward_flops_per_image": fwd["flops"],
             "params": fwd["params"], "achieved_tflops": achieved,
-            "peak_tflops_per_chip": peak_chip,
+            "peak_tflops_per_chip": peak_chip, "peak_kind": peak_kind(case.precision),
             "mfu": (achieved / (peak_chip * mesh.size) if achieved and peak_chip else None),
             "platform": device.platform, "device_kind": kind, "devices": mesh.size,
             "jax_version": jax.__version__,
@@ -563,8 +578,9 @@ def table_row(r: dict) -> str:
 def table_legend() -> str:
     return ("compile_s: trace+lower+XLA compile of the train loop; train_img/s: median of repeats; "
             "GF/img: XLA count of one train step per image; fwdGF: models.model_flops forward; "
-            "MFU: TFLOP/s over the chip's dense peak (bf16 tensor / fp32 non-tensor; fp32 runs "
-            "as TF32 on Ampere+, so it may exceed 100%); peak_mem '<=': set by an earlier case")
+            "MFU: TFLOP/s over the chip's dense peak (bf16, or TF32 for fp32, which XLA runs as "
+            "TF32 by default); peak_mem: the allocator's high-water mark, compilation's scratch "
+            "included; '<=': set by an earlier case")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ for seed in ${BF16_SEEDS:-0 1}; do
   part bf16 || break
   chapter_run "bf16_$seed" "$seed" --precision=bf16
 done
-# 1b. Where the host's time goes outside the epochs (~10 s of start-up and shutdown, ~3-6 s
+# 1b. Where the host's time goes outside the epochs (~10 s of start-up and shutdown, ~2 s
 # between epochs 1 and 2 on an H200, ~0.3 s on a CPU): the main thread under cProfile, 3
 # epochs with the cache warm. Read it with pstats (sort by cumulative time).
 if part default; then
@@ -199,7 +199,7 @@ if part best; then
 fi
 
 # 4. Experiments at GPU scale (issue 7), as long as EXPERIMENT_SECONDS last, in the order of
-# EXPERIMENTS. The runs of earlier sessions come from docs/gpu_runs/experiment_runs (their
+# $EXPERIMENTS (default: cheapest questions first, not resnet_jax.experiments' order). The runs of earlier sessions come from docs/gpu_runs/experiment_runs (their
 # config.json and metrics.jsonl) and are skipped; rows that other experiments share are trained
 # once. What finished comes back as records in experiment_runs/ (no checkpoints): commit them
 # there and write the reports with scripts/experiment.py NAME --preset gpu --report_only

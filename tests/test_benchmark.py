@@ -81,7 +81,8 @@ def test_profile_says_where_the_step_time_goes(tmp_path):
 def test_device_time_by_op_reads_a_gpu_trace(tmp_path):
     # The shape of a jax.profiler trace on a GPU (jax 0.11, H200): kernels on the device's
     # stream threads name the XLA instruction that launched them; a CUDA graph's kernels all
-    # name the graph. Derived lines ("XLA Ops") and host threads must not count.
+    # name the graph. Derived lines ("XLA Ops") and host threads must not count; two GPUs ran
+    # the same kernels, and the times are per device.
     from resnet_jax.benchmark import device_time_by_op
 
     def meta(pid, kind, name, tid=None):
@@ -98,6 +99,11 @@ def test_device_time_by_op_reads_a_gpu_trace(tmp_path):
         kernel(14, "sm90_xmma_wgrad", "cudnn-conv-bw-filter.17", 100.0),
         kernel(14, "loop_add_fusion_3", "command_buffer_5", 30.0),
         kernel(14, "loop_add_fusion_12", "command_buffer_8", 10.0),
+        meta(2, "process_name", "/device:GPU:1"), meta(2, "thread_name", "Stream #15(Compute)", 15),
+        kernel(15, "sm90_xmma_wgrad", "cudnn-conv-bw-filter.3", 60.0, pid=2),
+        kernel(15, "sm90_xmma_wgrad", "cudnn-conv-bw-filter.17", 100.0, pid=2),
+        kernel(15, "loop_add_fusion_3", "command_buffer_5", 30.0, pid=2),
+        kernel(15, "loop_add_fusion_12", "command_buffer_8", 10.0, pid=2),
         kernel(9, "cudnn-conv-bw-filter.3", "cudnn-conv-bw-filter.3", 60.0),  # derived line
         kernel(3, "cudnn-conv-bw-filter.3", "cudnn-conv-bw-filter.3", 500.0, pid=701),  # host
     ]
@@ -175,3 +181,17 @@ def test_model_options_reach_the_benchmarked_model():
         return models.param_count(shapes["params"])
 
     assert result["params"] == params(cardinality=2, base_width=40) != params()
+
+
+def test_peaks_are_dense_and_fp32_is_measured_against_tf32():
+    import jax
+
+    from resnet_jax.benchmark import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H200", "fp32") == 494.7  # XLA's default: TF32 tensor cores
+    assert peak_tflops("NVIDIA H100 NVL", "bf16") == 835.0  # not the SXM card's
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "fp32") == 156.0
+    assert peak_tflops("cpu", "fp32") is None
+    with jax.default_matmul_precision("highest"):
+        assert peak_tflops("NVIDIA H200", "fp32") == 67.0

@@ -103,6 +103,14 @@ def _fake_workdir(run: ex.Run, seed_offset: float) -> None:
     (run.workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def test_a_workdir_trained_further_is_not_this_run_finished(tmp_path):
+    run = ex.plan(ex.get_experiment("degradation"), "tiny", 1, tmp_path, rows=["resnet18"])[0]
+    _fake_workdir(run, 0.0)
+    assert ex.finished_record(run)["step"] == 8 * run.settings["epochs"]
+    longer = dataclasses.replace(run, settings={**run.settings, "epochs": 1})
+    assert ex.finished_record(longer) is None  # its workdir went past its last step
+
+
 def test_report_of_every_experiment_from_workdirs(tmp_path, monkeypatch):
     # No training and no compilation: finished workdirs are faked and FLOPs stubbed, so that
     # every table and every kind of plot is drawn, with two seeds (mean ± std).
