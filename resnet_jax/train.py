@@ -621,7 +621,8 @@ def use_compilation_cache(setting: str) -> Path | None:
 def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
     """Trains and evaluates as `config` says, resuming from the workdir's latest checkpoint.
 
-    Returns the last metrics record (one dict per epoch is also appended to metrics.jsonl).
+    Returns the last metrics record (one dict per epoch is also appended to metrics.jsonl),
+    marked ``"stopped": True`` when SIGTERM/SIGINT stopped the run before its last step.
     Raises UserError for bad input, DivergedError if the loss stops being finite.
     """
     validate(config)
@@ -714,14 +715,18 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,),
                               out_shardings=replicated)
         eval_idx, eval_mask = replicate((eval_idx, eval_mask), mesh)
-        wall_offset = history[-1]["wall_time"] if history else 0.0
+        # The checkpoint's own clock: a stop mid-epoch (or a superseded partial record) would
+        # otherwise lose the time spent since the last record.
+        wall_offset = (restored.meta.get("wall_time", history[-1]["wall_time"] if history else 0.0)
+                       if restored is not None else 0.0)
         run_start = time.perf_counter()
         step = int(state.step)
         last = history[-1] if history else {}
 
         def save(step: int, record: dict | None) -> None:
             meta = {"step": step, "history": writer.history + ([record] if record else []),
-                    "config": identity(config)}
+                    "config": identity(config),
+                    "wall_time": wall_offset + time.perf_counter() - run_start}
             metrics = ({"val_accuracy": record["val_accuracy"]}
                        if record and not record.get("partial") else None)
             checkpointer.save(step, {"state": state.arrays(), "accum": accum}, meta, metrics)
@@ -801,6 +806,8 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                         print(f"checkpointed step {step}; run the same command to resume",
                               flush=True)
                     break
+        if step < total_steps and last:  # stopped by a signal: not done
+            last = {**last, "stopped": True}
         checkpointer.wait()
         checkpointer.close()
         writer.close()

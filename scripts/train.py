@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         record = train_and_evaluate(config)
         import jax
 
-        if record and jax.process_index() == 0:
+        if record and not record.get("stopped") and jax.process_index() == 0:
             print(f"done: step {record['step']}, val accuracy {record['val_accuracy']:.4f}, "
                   f"workdir {os.path.abspath(config.workdir)}")
         return 0

@@ -105,6 +105,7 @@ def test_sigterm_checkpoints_and_resumes(reference, fashion_mnist_dir, tmp_path)
     assert proc.returncode == 0, err[-2000:]
     assert "received SIGTERM" in err
     assert "checkpointed step" in out and "run the same command to resume" in out
+    assert "done:" not in out  # stopped, not finished
     saved = int(out.split("checkpointed step ")[1].split()[0])
     assert 8 <= saved < 24
 
