@@ -106,7 +106,7 @@ class Checkpointer:
                 tree = restored["state"]
                 jax.block_until_ready(tree)
             except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
-                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                reason = _reason(e)
                 errors.append(f"step {s}: {reason}")
                 damaged.append(s)
                 warnings.warn(f"skipping unreadable checkpoint {self.directory / str(s)}: "
@@ -136,6 +136,15 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("resnet_jax_damaged_checkpoints")
         self.manager.reload()
+
+
+def _reason(error: BaseException) -> str:
+    """One line on why a checkpoint could not be read: the error and its cause, without the
+    TensorStore spec dump Orbax appends."""
+    text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+    if error.__cause__ is not None:
+        text += f" ({' '.join(str(error.__cause__).split())[:200]})"
+    return text[:400] or type(error).__name__
 
 
 def best_steps(checkpointer: Checkpointer) -> list[int]:
