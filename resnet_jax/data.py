@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import importlib.util
 import logging
 import math
@@ -448,10 +449,32 @@ def _find_one(folder: Path, gz_name: str) -> Path | None:
     return None
 
 
+# sha256 of Fashion-MNIST's decompressed label payloads (equal in Debian's copies, whose gzip
+# headers differ). MNIST and KMNIST use the same file names, so a folder of the wrong dataset,
+# or files swapped between the splits, would otherwise load without a word.
+_FASHION_LABELS_SHA256 = {
+    "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7": "train",
+    "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9": "test",
+}
+
+
+def _check_identity(spec: DatasetSpec, split: str, labels: np.ndarray, path: Path) -> str:
+    """Raises DataError for Fashion-MNIST's labels in the wrong place; returns their digest."""
+    digest = hashlib.sha256(np.ascontiguousarray(labels, np.uint8).tobytes()).hexdigest()
+    found = _FASHION_LABELS_SHA256.get(digest)
+    if found is not None and spec.tfds_name != "fashion_mnist":
+        raise DataError(f"{path} holds Fashion-MNIST's {found} labels, not {spec.tfds_name}'s; "
+                        f"point --data_dir at a folder of {spec.tfds_name}'s files")
+    if found is not None and found != split:
+        raise DataError(f"{path} holds Fashion-MNIST's {found} labels where its {split} labels "
+                        "belong: are the train and t10k files swapped?")
+    return digest
+
+
 def _read_idx_dataset(
     spec: DatasetSpec, files: dict[str, tuple[Path, Path]], source: str
 ) -> Dataset:
-    arrays = {}
+    arrays, digests = {}, {}
     for split, (images_path, labels_path) in files.items():
         images = _read_idx(images_path, _IDX_IMAGES_MAGIC, "images")
         labels = _read_idx(labels_path, _IDX_LABELS_MAGIC, "labels")
@@ -465,7 +488,10 @@ def _read_idx_dataset(
                 f"{images_path.name} holds {len(images)} images but {labels_path.name} holds "
                 f"{len(labels)} labels (in {images_path.parent})"
             )
+        digests[split] = _check_identity(spec, split, labels, labels_path)
         arrays[split] = (images[..., None], labels.astype(np.int32))
+    if len(set(digests.values())) < len(digests):
+        raise DataError(f"the train and test labels in {source} are identical: one file for both?")
     return _make_dataset(spec, arrays, source)
 
 

@@ -103,6 +103,23 @@ def test_real_fashion_mnist_from_idx(real: data.Dataset, fashion_mnist_dir: Path
     assert real.train_images.max() == 255 and real.train_images.min() == 0
 
 
+def test_fashion_mnist_files_under_another_name_or_split_are_refused(fashion_mnist_dir: Path,
+                                                                    tmp_path: Path):
+    # MNIST's and KMNIST's files have the same names: a wrong folder would train silently.
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("mnist", fashion_mnist_dir)
+    assert_one_line_error(excinfo, "holds Fashion-MNIST's train labels, not mnist's")
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for kind in ("images-idx3", "labels-idx1"):
+        for name, other in (("train", "t10k"), ("t10k", "train")):
+            target = fashion_mnist_dir / f"{other}-{kind}-ubyte.gz"
+            (swapped / f"{name}-{kind}-ubyte.gz").symlink_to(target)
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("fashion_mnist", swapped)
+    assert_one_line_error(excinfo, "Fashion-MNIST's test labels where its train labels belong")
+
+
 # ----- TFDS manual dir (way 2) ------------------------------------------------------------------
 
 
