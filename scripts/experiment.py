@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         if rows and len(chosen) > 1:
             raise UserError("--rows needs one experiment, not all")
+        if args.data_dir is not None and not os.path.isdir(args.data_dir):
+            raise UserError(f"--data_dir {args.data_dir} is not a folder")
         if not args.dry_run:  # fail now, not after hours of training
             check_writable(args.out, "--out")
         status = 0

@@ -59,7 +59,9 @@ def test_cli_list_and_one_line_errors():
     for args, message in ((["nope"], "unknown experiment 'nope'"),
                           (["depth", "--preset=huge"], "unknown --preset 'huge'"),
                           (["depth", "--rows=resnet18, resnet19"], "unknown row(s) resnet19"),
-                          (["depth", "--seeds=0"], "--seeds must be positive")):
+                          (["depth", "--seeds=0"], "--seeds must be positive"),
+                          (["depth", "--dry_run", "--data_dir=/nonexistent"],
+                           "--data_dir /nonexistent is not a folder")):
         result = run_script(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
