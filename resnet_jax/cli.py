@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Callable
@@ -71,10 +72,10 @@ def check_writable(folder: str | Path, flag: str) -> None:
     if not str(folder):
         raise UserError(f"{flag} is empty; give a path")
     if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a folder")
+        raise UserError(f"{flag} {path} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
+        probe = path / f".write_test_{socket.gethostname()}_{os.getpid()}"  # one per process
         probe.write_text("")
         probe.unlink()
     except OSError as e:

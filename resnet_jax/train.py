@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax import data as data_lib
 from resnet_jax import models
 from resnet_jax.checkpoint import Checkpointer
+from resnet_jax.cli import check_writable
 from resnet_jax.config import Config, identity, identity_diff, validate
 from resnet_jax.errors import UserError
 from resnet_jax.metrics import MetricsWriter, Progress, atomic_write, format_record
@@ -331,15 +332,7 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
 def _check_workdir(config: Config, is_main: bool) -> Path:
     """Creates or checks the workdir; refuses to mix runs in it (one-line UserErrors)."""
     workdir = Path(config.workdir).absolute()
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir} is a file, not a directory")
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test_{jax.process_index()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
+    check_writable(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
     if config.overwrite and is_main:
         for name in ("checkpoints", "damaged_checkpoints", "tensorboard"):

@@ -130,7 +130,7 @@ def test_device_time_by_op_reads_a_gpu_trace(tmp_path):
     (["--end_to_end", "--precision", "fp32,bf16"], "--end_to_end takes one --precision"),
     (["--end_to_end", "--profile", "p"], "--profile applies to the synthetic benchmark"),
     (["--profile", "/dev/null", "--width", "4", "--image_size", "16", "--stem", "small"],
-     "--profile /dev/null is a file, not a folder"),
+     "--profile /dev/null is a file, not a directory"),
 ])
 def test_bad_flags_are_one_line(args, expected):
     out = _run(*args, timeout=120)
