@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -28,6 +29,10 @@ def quiet_logs() -> None:
     warnings.formatwarning = lambda message, category, *_, **__: (
         f"warning: {message} ({category.__name__})\n")
     _hide_orbax_read_aftermath()
+    # A full disk: Orbax's writer threads log it with their tracebacks; run_main says it once.
+    logging.getLogger("absl").addFilter(lambda record: not (
+        _NO_SPACE in record.getMessage()
+        or (record.exc_info and record.exc_info[1] and _disk_full(record.exc_info[1]))))
 
 
 def _hide_orbax_read_aftermath() -> None:
@@ -100,6 +105,13 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
         if isinstance(e, DivergedError):
             print(f"{prog}: error: {e}", file=sys.stderr)
             return EXIT_DIVERGED
+        if _disk_full(e):
+            print(f"{prog}: error: no space left on the disk ({_first_line(e)}); free some, or "
+                  "use another --workdir", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # At once: the checkpoint and TensorBoard writers' exit handlers would fail again.
+            os._exit(EXIT_USER_ERROR)
         if "RESOURCE_EXHAUSTED" in str(e) and type(e).__name__.endswith("RuntimeError"):
             # XLA could not allocate: the input asked too much of the device, not a bug.
             reason = " ".join(str(e).split())[:300]
@@ -107,6 +119,24 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
                   "--image_size or model", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
+
+
+_NO_SPACE = "No space left on device"
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it came from, is a full disk (ENOSPC)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or _NO_SPACE in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def _exit_interrupted(prog: str) -> None:
