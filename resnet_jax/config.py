@@ -265,6 +265,21 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None,
     return from_args(parser.parse_args(argv))
 
 
+def from_saved(saved: Mapping[str, Any]) -> Config:
+    """The validated Config of a saved `config.json` object (unknown keys are ignored); a value
+    of the wrong type is a UserError, as a bad flag is."""
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+    values = {}
+    for f in dataclasses.fields(Config):
+        if f.name in saved:
+            value = saved[f.name]
+            allowed = tuple(kinds[t.strip()] for t in str(f.type).split("|"))
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise UserError(f"{f.name} is {value!r}, not of type {f.type}")
+            values[f.name] = value
+    return validate(Config(**values))
+
+
 def from_args(args: argparse.Namespace) -> Config:
     """The Config for parsed arguments (unknown attributes of `args` are ignored)."""
     names = {f.name for f in dataclasses.fields(Config)}

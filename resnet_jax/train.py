@@ -36,7 +36,7 @@ from resnet_jax import data as data_lib
 from resnet_jax import models
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.cli import check_writable
-from resnet_jax.config import Config, identity, identity_diff, validate
+from resnet_jax.config import Config, from_saved, identity, identity_diff, validate
 from resnet_jax.errors import UserError
 from resnet_jax.metrics import MetricsWriter, Progress, atomic_write, format_record
 from resnet_jax.optimizer import create_optimizer
@@ -351,7 +351,7 @@ def _check_workdir(config: Config, is_main: bool) -> Path:
             saved = None
         if not isinstance(saved, dict):
             raise UserError(f"{saved_path} is unreadable or not a training config; use "
-                            "--overwrite to start again") from None
+                            "--overwrite to start again")
         diff = identity_diff(identity(config), saved)
         if diff:
             raise UserError(f"--workdir {workdir} holds a different run ({'; '.join(diff)}); "
@@ -468,17 +468,8 @@ def load_config(workdir: str | Path) -> Config:
         raise UserError(f"{path} is unreadable: {e}") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a training config (not a JSON object)")
-    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
-    values = {}
-    for f in dataclasses.fields(Config):
-        if f.name in saved:
-            value = saved[f.name]
-            allowed = tuple(kinds[t.strip()] for t in str(f.type).split("|"))
-            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-                raise UserError(f"{path}: {f.name} is {value!r}, not of type {f.type}")
-            values[f.name] = value
     try:
-        return validate(Config(**values))
+        return from_saved(saved)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
 
@@ -708,10 +699,9 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,),
                               out_shardings=replicated)
         eval_idx, eval_mask = replicate((eval_idx, eval_mask), mesh)
-        # The checkpoint's own clock: a stop mid-epoch (or a superseded partial record) would
-        # otherwise lose the time spent since the last record.
-        wall_offset = (restored.meta.get("wall_time", history[-1]["wall_time"] if history else 0.0)
-                       if restored is not None else 0.0)
+        wall_offset = history[-1]["wall_time"] if history else 0.0
+        if restored is not None:  # its own clock: a stop mid-epoch would lose the time since
+            wall_offset = restored.meta.get("wall_time", wall_offset)  # the last record
         run_start = time.perf_counter()
         step = int(state.step)
         last = history[-1] if history else {}
