@@ -3,12 +3,13 @@
 
 For every combination of --arch, --batch_size, --precision and --steps_per_dispatch it reports:
 compile time of the train loop, steady-state train images/s (median of --repeats runs of --steps
-steps, synchronised before the clock is read), eval images/s, peak device memory, XLA's FLOPs per
-image of a train step, forward FLOPs (models.model_flops), achieved TFLOP/s and, on a card with
-a known peak (A100, H100, H200), the model FLOP utilisation. The code is the trainer's own:
-make_train_loop / make_eval_loop over make_mesh() of every device, the state built from a Config
-as train_and_evaluate builds it; only the data is synthetic (random 28x28 uint8, resized on the
-device as Fashion-MNIST is). Lists take several values, spaced or comma-separated.
+steps, synchronised before the clock is read), eval images/s, device memory (the train
+program's, by XLA's buffer assignment; and the allocator's peak where the backend reports it),
+XLA's FLOPs per image of a train step, forward FLOPs (models.model_flops), achieved TFLOP/s
+and, on a card with a known peak (A100, H100, H200), the model FLOP utilisation. The code is the
+trainer's own: make_train_loop / make_eval_loop over make_mesh() of every device, the state built
+from a Config as train_and_evaluate builds it; only the data is synthetic (random 28x28 uint8,
+resized on the device as Fashion-MNIST is). Lists take several values, spaced or comma-separated.
 
 Defaults depend on the backend. CPU: --arch resnet18 --batch_size 32 --image_size 32 --steps 3
 --repeats 2 --steps_per_dispatch 1 --train_examples 1024 --eval_examples 256 (a few minutes on

@@ -48,6 +48,14 @@ def test_benchmark_json_fields_are_sane():
         assert r["achieved_tflops"] > 0
         assert r["platform"] == "cpu" and r["devices"] == 1
         assert r["peak_bytes"] is None and r["mfu"] is None  # no memory stats or peak on CPU
+        # XLA's account of the train program: its arguments hold at least the fp32 params
+        # (plain SGD keeps no optimizer state) and the uint8 training images (jit drops the
+        # unused test split); the updated state is written into the donated input buffers.
+        assert r["program_argument_bytes"] >= 4 * r["params"] + 64 * 28 * 28
+        assert 0 < r["program_alias_bytes"] <= r["program_output_bytes"]
+        assert r["program_temp_bytes"] > 0
+        assert r["program_bytes"] == (r["program_argument_bytes"] + r["program_output_bytes"]
+                                      - r["program_alias_bytes"] + r["program_temp_bytes"])
         assert r["final_loss"] > 0 and r["first_dispatch_overhead_s"] >= 0
     assert results[0]["compiled"] and results[0]["compile_s"] > 0
     assert results[1]["compiled"] and results[1]["compile_s"] > 0
@@ -195,3 +203,19 @@ def test_peaks_are_dense_and_fp32_is_measured_against_tf32():
     assert peak_tflops("cpu", "fp32") is None
     with jax.default_matmul_precision("highest"):
         assert peak_tflops("NVIDIA H200", "fp32") == 67.0
+
+
+def test_program_memory_reuses_the_timed_compilation():
+    # The memory figure must not cost a GPU session a second compilation per case.
+    from resnet_jax import benchmark, train
+
+    case = benchmark.Case(arch="resnet18", batch_size=8, precision="fp32", steps_per_dispatch=2,
+                          image_size=32, steps=2, repeats=1, width=8, train_examples=64,
+                          eval_examples=16)
+    mesh = train.make_mesh()
+    group = benchmark._Group(case, mesh, benchmark.synthetic_dataset(case, mesh))
+    benchmark._time_train(group, case)
+    with benchmark.CompileTimer() as timer:
+        memory = benchmark._program_memory(group, case)
+    assert timer.backend_compiles == 0
+    assert memory["program_bytes"] > memory["program_temp_bytes"] > 0
