@@ -119,6 +119,22 @@ def test_sigterm_checkpoints_and_resumes(reference, fashion_mnist_dir, tmp_path)
         np.testing.assert_array_equal(a, b)
 
 
+def test_each_epochs_checkpoint_holds_the_state_at_its_step(reference, run_train, tmp_path):
+    # The trainer queues the next epoch's first steps (which take the state's buffers) before it
+    # writes an epoch's checkpoint, from a copy: that copy must be the epoch's end, bit for bit.
+    from resnet_jax.train import restore_state
+
+    ref_dir, _ = reference
+    out = run_train(f"--workdir={tmp_path}", *TINY, *EPOCHS, "--max_steps=8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    step, state = restore(tmp_path)
+    _, ref_state, _, ref_step = restore_state(ref_dir, "8")
+    assert step == ref_step == 8
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(jax.device_get(ref_state.arrays())),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _checkpoint_files(step_dir):
     return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0)
 
