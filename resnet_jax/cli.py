@@ -148,10 +148,35 @@ def _exit_interrupted(prog: str) -> None:
     os._exit(130)
 
 
-def main_guard(prog: str, main: Callable[[], int]) -> None:
-    """Runs a script's `main` (imports included) and exits with its status; Ctrl-C is one line."""
+def main_guard(prog: str, main: Callable[[], int], fast_exit: bool = False) -> None:
+    """Runs a script's `main` (imports included) and exits with its status; Ctrl-C is one line.
+
+    With `fast_exit`, a `main` that returned 0 must have written and closed everything it
+    opened: the process then exits without the interpreter's teardown (see `exit_now`).
+    """
     try:
         status = main()
     except KeyboardInterrupt:
         _exit_interrupted(prog)
+    if fast_exit and status == 0:
+        exit_now(status)
     sys.exit(status)
+
+
+def exit_now(status: int) -> None:
+    """Exits at once, after flushing the standard streams and the logs and leaving the
+    distributed system (its shutdown is a barrier the other processes wait at).
+
+    Finalising the interpreter tears down JAX's backends first (on a GPU: the client, its
+    memory and streams), which on this CPU took 0.2-0.4 s after everything was written; the
+    operating system reclaims all of it anyway. Only for a process with nothing left to write:
+    a checkpoint still being written would be lost.
+    """
+    if "jax" in sys.modules:
+        import jax
+
+        jax.distributed.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -41,4 +41,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main_guard("train.py", main)
+    # Training returns 0 only after the checkpoints, metrics and plot are written and closed.
+    main_guard("train.py", main, fast_exit=True)
