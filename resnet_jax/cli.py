@@ -158,7 +158,8 @@ def main_guard(prog: str, main: Callable[[], int], fast_exit: bool = False) -> N
         status = main()
     except KeyboardInterrupt:
         _exit_interrupted(prog)
-    if fast_exit and status == 0:
+    # Not under a profiler or tracer (cProfile, coverage): they write their results at exit.
+    if fast_exit and status == 0 and sys.getprofile() is None and sys.gettrace() is None:
         exit_now(status)
     sys.exit(status)
 

@@ -2,11 +2,13 @@
 scripts/evaluate.py restores and reports."""
 
 import json
+import os
+import pstats
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, TRAIN
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +113,17 @@ def test_compilation_cache_serves_a_second_run(run_train, tmp_path):
     loads = [{k: v for k, v in json.loads(m).items() if "time" not in k and "per_sec" not in k}
              for m in metrics]
     assert loads[0] == loads[1] == loads[2] != loads[3]
+
+
+def test_train_under_a_profiler_still_writes_its_profile(fashion_mnist_dir, tmp_path):
+    # train.py skips the interpreter's teardown at exit, but not under a profiler, which
+    # writes its results then.
+    out = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(tmp_path / "train.prof"), str(TRAIN),
+         f"--data_dir={fashion_mnist_dir}", f"--workdir={tmp_path / 'run'}", *TINY,
+         "--max_steps=2"], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "done: step 2" in out.stdout
+    functions = {name for _, _, name in pstats.Stats(str(tmp_path / "train.prof")).stats}
+    assert "train_and_evaluate" in functions
