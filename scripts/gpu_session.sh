@@ -163,11 +163,19 @@ fi
 
 # 3. The better recipe (experiment 7): ResNet-18 to >= 0.950, the README's command (random
 # erasing 0.5; 0.9508 on an H200) and the same without it (0.9484), for RECIPE_SEEDS seeds
-# (RECIPE_ERASING: the probabilities to run).
+# (RECIPE_ERASING: the probabilities to run). RECIPE_SECONDS: no run starts that would end
+# past that many seconds from here, judged by the previous run's length (a run cut short by the
+# call's limit is lost).
 if part recipe; then
+recipe_deadline=$(( $(date +%s) + ${RECIPE_SECONDS:-86400} ))
+took=0
 for seed in ${RECIPE_SEEDS:-0}; do
 for erasing in ${RECIPE_ERASING:-0.5 0}; do
   run="recipe_e${erasing}_s$seed"
+  if [ $(( $(date +%s) + took )) -gt "$recipe_deadline" ]; then
+    log "recipe: no time left for $run"; break 2
+  fi
+  began=$(date +%s)
   log "recipe, random erasing $erasing, seed $seed"
   rm -rf "/tmp/gpu_$run"
   start=$(date +%s.%N)
@@ -177,6 +185,7 @@ for erasing in ${RECIPE_ERASING:-0.5 0}; do
     --seed="$seed" "${RECIPE[@]}" 2>&1 | tee "$OUT/$run.log"
   python3 -c "print('wall_s', round($(date +%s.%N) - $start, 1))" | tee -a "$OUT/$run.log"
   cp "/tmp/gpu_$run/metrics.jsonl" "$OUT/${run}_metrics.jsonl"
+  took=$(( $(date +%s) - began ))
 done
 done
 fi
