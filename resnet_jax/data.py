@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -468,6 +469,11 @@ def _check_identity(spec: DatasetSpec, split: str, labels: np.ndarray, path: Pat
     if found is not None and found != split:
         raise DataError(f"{path} holds Fashion-MNIST's {found} labels where its {split} labels "
                         "belong: are the train and t10k files swapped?")
+    if found is None and spec.tfds_name == "fashion_mnist" and len(labels) in (60_000, 10_000):
+        # Full-sized files that are not Fashion-MNIST's: most likely MNIST's or KMNIST's, whose
+        # files have the same names and sizes. (A subset or a made-up file is someone's choice.)
+        warnings.warn(f"{path} is not Fashion-MNIST's published {split} labels (MNIST's or "
+                      "KMNIST's files have the same names); loading it anyway", stacklevel=2)
     return digest
 
 

@@ -5,6 +5,7 @@ import gzip
 import io
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import jax
@@ -118,6 +119,23 @@ def test_fashion_mnist_files_under_another_name_or_split_are_refused(fashion_mni
     with pytest.raises(UserError) as excinfo:
         data.load_dataset("fashion_mnist", swapped)
     assert_one_line_error(excinfo, "Fashion-MNIST's test labels where its train labels belong")
+
+
+def test_full_sized_labels_that_are_not_fashion_mnists_are_named_in_a_warning(
+        real: data.Dataset, fashion_mnist_dir: Path, tmp_path: Path):
+    # MNIST's files (not on this machine) have Fashion-MNIST's names and sizes; full-sized labels
+    # that are not Fashion-MNIST's stand in for them. Tiny made-up sets load without a word.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in (TRAIN_IMAGES, TEST_IMAGES, TEST_LABELS):
+        (other / name).symlink_to(fashion_mnist_dir / name)
+    write_gz(other / TRAIN_LABELS, idx_bytes(np.roll(real.train_labels, 1), 0x801))
+    with pytest.warns(UserWarning, match="is not Fashion-MNIST's published train labels"):
+        data.load_dataset("fashion_mnist", other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_idx_dir(tmp_path / "tiny")
+        data.load_dataset("fashion_mnist", tmp_path / "tiny")
 
 
 # ----- TFDS manual dir (way 2) ------------------------------------------------------------------
