@@ -734,26 +734,22 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                        f"{checkpointer.directory}" if kept else "no checkpoint had been saved"))
             progress.update(n, n * config.batch_size, loss)
 
-        def report(epoch: int, position: int, step: int, images: int, epoch_start: float,
-                   compile_wait: float, pending: tuple, accum: dict, eval_sums: dict,
+        def report(epoch: int, position: int, step: int, images: int, train_time: float,
+                   train_end: float, accum: dict, eval_sums: dict,
                    tree: dict | None) -> tuple[dict, float]:
-            """An epoch's bookkeeping, from its last chunk and evaluation (both queued on the
-            devices): its record, checkpoint `tree` (if any), metrics and line. Returns the
-            record and the time its evaluation was read back."""
-            finish(pending, accum)  # blocks until the epoch's training is done
-            train_end = time.perf_counter()
-            progress.end_epoch()
+            """An epoch's bookkeeping once its evaluation (queued on the devices) is read back:
+            its record, checkpoint `tree` (if any), metrics and line. Returns the record and
+            the time the evaluation was read back."""
             steps = int(accum["steps"])
             val = summarize_eval(eval_sums)  # blocks until its evaluation is done
             eval_end = time.perf_counter()
             record = {"epoch": round(epoch + position / steps_per_epoch, 4), "step": step,
                       "train_loss": float(accum["loss_sum"]) / steps,
                       "train_accuracy": float(accum["accuracy_sum"]) / steps, **val,
-                      "images_per_sec": images / (train_end - epoch_start - compile_wait),
+                      "images_per_sec": images / train_time,
                       # Where the time went: waiting for compilation shows in the first
                       # epoch's wall_time (the eval program's in its eval_time).
-                      "train_time": train_end - epoch_start - compile_wait,
-                      "eval_time": eval_end - train_end + compile_wait,
+                      "train_time": train_time, "eval_time": eval_end - train_end,
                       "wall_time": wall_offset + eval_end - run_start}
             if position < steps_per_epoch:
                 record["partial"] = True
@@ -795,18 +791,19 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                         finish(pending, accum)
                     pending = (chunk_loss, n)
                     stop = _any_process(preemption.signum is not None)
+                # Blocks until the epoch's training is done; the devices then idle only while
+                # the host queues the evaluation and the next epoch's first chunk.
+                finish(pending, accum)
+                train_end = time.perf_counter()
+                progress.end_epoch()
                 if stop and position < steps_per_epoch and step < total_steps:
-                    finish(pending, accum)
-                    progress.end_epoch()
                     save(step, None, {"state": state.arrays(), "accum": accum})
                     checkpointer.wait()
                     if is_main:
                         print(f"checkpointed step {step} to {checkpointer.directory / str(step)}; "
                               "run the same command to resume", flush=True)
                     break
-                wait_start = time.perf_counter()
                 eval_compiled.result()
-                compile_wait = time.perf_counter() - wait_start
                 eval_sums = eval_loop(state, ddata, eval_idx, eval_mask)
                 going_on = step < total_steps and not stop
                 epoch_accum, tree = accum, None
@@ -821,8 +818,9 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                                       else state.arrays()),
                             "accum": accum if position < steps_per_epoch else
                             replicate(empty_accum(), mesh)}
-                deferred = functools.partial(report, epoch, position, step, images, epoch_start,
-                                             compile_wait, pending, epoch_accum, eval_sums, tree)
+                deferred = functools.partial(report, epoch, position, step, images,
+                                             train_end - epoch_start, train_end, epoch_accum,
+                                             eval_sums, tree)
                 if not going_on:
                     last, epoch_start = deferred()
                     deferred = None
