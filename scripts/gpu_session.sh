@@ -165,13 +165,14 @@ fi
 # erasing 0.5; 0.9508 on an H200) and the same without it (0.9484), for RECIPE_SEEDS seeds
 # (RECIPE_ERASING: the probabilities to run). RECIPE_SECONDS: no run starts that would end
 # past that many seconds from here, judged by the previous run's length (a run cut short by the
-# call's limit is lost).
+# call's limit is lost). RECIPE_EXTRA: more flags (the last of a flag wins), e.g. "--stem=small
+# --image_size=28", named by RECIPE_TAG in the runs' names; `best` ensembles every recipe run.
 if part recipe; then
 recipe_deadline=$(( $(date +%s) + ${RECIPE_SECONDS:-86400} ))
 took=0
 for seed in ${RECIPE_SEEDS:-0}; do
 for erasing in ${RECIPE_ERASING:-0.5 0}; do
-  run="recipe_e${erasing}_s$seed"
+  run="recipe${RECIPE_TAG:+_$RECIPE_TAG}_e${erasing}_s$seed"
   if [ $(( $(date +%s) + took )) -gt "$recipe_deadline" ]; then
     log "recipe: no time left for $run"; break 2
   fi
@@ -182,7 +183,7 @@ for erasing in ${RECIPE_ERASING:-0.5 0}; do
   python3 scripts/train.py --arch=resnet18 --data_dir="$DATA" --workdir="/tmp/gpu_$run" \
     --augment --optimizer=nesterov --learning_rate=0.1 --schedule=cosine --warmup_epochs=2 \
     --label_smoothing=0.1 --weight_decay=5e-4 --precision=bf16 --random_erasing="$erasing" \
-    --seed="$seed" "${RECIPE[@]}" 2>&1 | tee "$OUT/$run.log"
+    --seed="$seed" "${RECIPE[@]}" ${RECIPE_EXTRA:-} 2>&1 | tee "$OUT/$run.log"
   python3 -c "print('wall_s', round($(date +%s.%N) - $start, 1))" | tee -a "$OUT/$run.log"
   cp "/tmp/gpu_$run/metrics.jsonl" "$OUT/${run}_metrics.jsonl"
   took=$(( $(date +%s) - began ))
@@ -194,7 +195,7 @@ fi
 # ensemble, and with flip test-time augmentation, alone and together. Run with
 # PARTS="recipe best" RECIPE_SEEDS="0 1 2 3" RECIPE_ERASING=0.5.
 if part best; then
-  runs=(/tmp/gpu_recipe_e*_s*)
+  runs=(/tmp/gpu_recipe_*_s*)
   log "best: ${#runs[@]} recipe runs, alone with flips and as ensembles"
   for run in "${runs[@]}"; do
     python3 scripts/evaluate.py --workdir "$run" --flip --data_dir="$DATA" 2>&1 | head -n 2
