@@ -557,39 +557,93 @@ def _predict(config: Config, state: TrainState, dataset: data_lib.Dataset, ddata
 
 def evaluate_ensemble(workdirs: list[str | Path], checkpoint: str = "latest",
                       data_dir: str | None = None, flip: bool = False,
-                      mesh: Mesh | None = None) -> dict:
+                      mesh: Mesh | None = None, saved: list[str | Path] = ()) -> dict:
     """Evaluates the mean of the test-split probabilities of a checkpoint (`latest`, `best` or
     a step) of each of `workdirs`: an ensemble, each member with flip test-time augmentation
-    if `flip`. Returns `members` (per workdir: `workdir`, `step`, `val_accuracy`),
-    `val_accuracy` and `val_loss` (negative log of the mean probability of the true class) of
-    the ensemble, `val_count`, `confusion` [true, predicted] and `class_names`."""
-    if not workdirs:
-        raise UserError("no workdirs to evaluate")
-    mesh = mesh if mesh is not None else make_mesh()
+    if `flip`. `saved` adds the members of prediction files (`save_predictions`), each file
+    weighing as many models as it holds, so that models trained elsewhere, or no longer at
+    hand, join the ensemble.
+
+    Returns `members` (per model: `workdir`, `step`, `flip`, `val_accuracy`, and `file` for
+    saved ones), `val_accuracy` and `val_loss` (negative log of the mean probability of the
+    true class) of the ensemble, `val_count`, `confusion` [true, predicted], `class_names`,
+    `probabilities` [num_test, classes] (the ensemble's) and `labels`."""
+    if not workdirs and not saved:
+        raise UserError("no workdirs or prediction files to evaluate")
+    mesh = mesh if mesh is not None else make_mesh() if workdirs else None
     # Members share the loaded data and its copy on the devices.
     members, total, dataset, ddata = [], None, None, None
+    labels, class_names, source = None, None, None
+
+    def same_test_set(new_labels: np.ndarray, what: str) -> None:
+        if labels is not None and not np.array_equal(new_labels, labels):
+            raise UserError(f"{what} is of another test set than {source}; an ensemble needs one")
+
     for workdir in workdirs:
         config, state, loaded, step = restore_state(workdir, checkpoint, data_dir, mesh, dataset)
         if loaded is not dataset:
-            if dataset is not None and not np.array_equal(loaded.test_labels,
-                                                          dataset.test_labels):
-                raise UserError(f"{workdir} was trained on another test set ({config.dataset}) "
-                                f"than {workdirs[0]}; an ensemble needs one")
+            same_test_set(loaded.test_labels, f"{workdir} ({config.dataset})")
             dataset, ddata = loaded, put_dataset(loaded, mesh)
+            labels, class_names = dataset.test_labels, list(dataset.spec.class_names)
+            source = source or str(workdir)
         probs = _predict(config, state, dataset, ddata, mesh, flip)
-        labels = dataset.test_labels
         total = probs if total is None else total + probs
-        members.append({"workdir": str(workdir), "step": step,
+        members.append({"workdir": str(workdir), "step": step, "flip": flip,
                         "val_accuracy": float(np.mean(probs.argmax(-1) == labels))})
-    mean = total / len(workdirs)
+    for path in saved:
+        file = load_predictions(path)
+        same_test_set(file["labels"], str(path))
+        labels, class_names = file["labels"], class_names or file["class_names"]
+        source = source or str(path)
+        weight = len(file["members"])
+        total = file["probabilities"] * weight + (0 if total is None else total)
+        members += [{**m, "file": str(path)} for m in file["members"]]
+    mean = total / len(members)
     predicted = mean.argmax(-1)
     confusion = np.zeros((mean.shape[-1],) * 2, np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     true_prob = mean[np.arange(len(labels)), labels]
     return {"members": members, "val_accuracy": float(np.mean(predicted == labels)),
             "val_loss": float(-np.mean(np.log(np.maximum(true_prob, 1e-30)))),
-            "val_count": len(labels), "confusion": confusion,
-            "class_names": list(dataset.spec.class_names)}
+            "val_count": len(labels), "confusion": confusion, "class_names": class_names,
+            "probabilities": mean.astype(np.float32), "labels": np.asarray(labels, np.int32)}
+
+
+def save_predictions(path: str | Path, result: dict) -> None:
+    """Writes an `evaluate_ensemble` result's test-split probabilities, labels, class names and
+    members to `path` (.npz, atomically): for analysis (which images fail, calibration), and to
+    ensemble these models later without their checkpoints (`evaluate_ensemble(saved=...)`)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, probabilities=result["probabilities"], labels=result["labels"],
+                        class_names=np.asarray(result["class_names"]),
+                        members=np.asarray(json.dumps(result["members"])))
+    os.replace(tmp, path)
+
+
+def load_predictions(path: str | Path) -> dict:
+    """A prediction file of `save_predictions`: `probabilities`, `labels`, `class_names`,
+    `members`; a one-line UserError if it is missing or not one."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = {"probabilities": np.asarray(f["probabilities"], np.float64),
+                   "labels": np.asarray(f["labels"]),
+                   "class_names": [str(n) for n in f["class_names"]],
+                   "members": json.loads(str(f["members"]))}
+    except FileNotFoundError:
+        raise UserError(f"prediction file {path} not found") from None
+    except KeyError as e:
+        raise UserError(f"{path} is not a prediction file of evaluate.py --save_predictions "
+                        f"(no {e})") from None
+    except (OSError, ValueError, EOFError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not a prediction file of evaluate.py --save_predictions "
+                        f"({type(e).__name__})") from None
+    probs, labels = out["probabilities"], out["labels"]
+    if (probs.ndim != 2 or labels.shape != probs.shape[:1] or not out["members"]
+            or probs.shape[1] != len(out["class_names"])):
+        raise UserError(f"{path} is not a prediction file of evaluate.py --save_predictions "
+                        "(inconsistent shapes)")
+    return out
 
 
 def use_compilation_cache(setting: str) -> Path | None:

@@ -2,7 +2,8 @@
 """Evaluate a checkpoint of a training workdir on the whole test split: accuracy, loss and the
 confusion matrix with class names. Several workdirs are evaluated as an ensemble (the mean of
 their predicted probabilities), and --flip adds test-time augmentation (each image and its
-mirror image)."""
+mirror image). --save_predictions writes the per-image probabilities; --add_predictions puts
+saved ones into the ensemble, so models trained elsewhere, whose checkpoints are gone, count."""
 
 import argparse
 import os
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _OneLineParser(prog="evaluate.py", description=__doc__,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--workdir", required=True, nargs="+",
+    parser.add_argument("--workdir", nargs="+", default=[],
                         help="a workdir written by train.py; several: evaluate their ensemble "
                              "(the mean of the models' class probabilities)")
     parser.add_argument("--checkpoint", default="latest",
@@ -38,28 +39,54 @@ def main(argv: list[str] | None = None) -> int:
                         help="test-time augmentation: average each model's probabilities for "
                              "the image and its horizontal mirror")
     parser.add_argument("--data_dir", default=None, help="override the data dir the runs used")
+    parser.add_argument("--save_predictions", metavar="FILE.npz", default=None,
+                        help="write the test images' class probabilities (of the ensemble), "
+                             "labels and members to this .npz file")
+    parser.add_argument("--add_predictions", metavar="FILE.npz", nargs="+", default=[],
+                        help="files of --save_predictions whose models join the ensemble "
+                             "(each counting as many models as it holds)")
     args = parser.parse_args(argv)
+    if not args.workdir and not args.add_predictions:
+        parser.error("give --workdir, --add_predictions, or both")
 
     def job():
-        from resnet_jax.train import evaluate_checkpoint, evaluate_ensemble, use_compilation_cache
+        from resnet_jax.train import (
+            evaluate_checkpoint,
+            evaluate_ensemble,
+            save_predictions,
+            use_compilation_cache,
+        )
 
+        if args.save_predictions:  # before the evaluation, not after it
+            from pathlib import Path
+
+            from resnet_jax.cli import check_writable
+
+            check_writable(Path(args.save_predictions).parent, "--save_predictions")
         # As training does: on a GPU, members of one architecture compile their program once.
         use_compilation_cache("auto")
 
-        if len(args.workdir) == 1 and not args.flip:
+        if (len(args.workdir) == 1 and not args.flip and not args.save_predictions
+                and not args.add_predictions):
             result = evaluate_checkpoint(args.workdir[0], args.checkpoint, args.data_dir)
             print(f"checkpoint step {result['step']}: test accuracy "
                   f"{result['val_accuracy']:.4f}, loss {result['val_loss']:.4f} on "
                   f"{result['val_count']} images")
         else:
-            result = evaluate_ensemble(args.workdir, args.checkpoint, args.data_dir, args.flip)
-            tta = " with flips" if args.flip else ""
+            result = evaluate_ensemble(args.workdir, args.checkpoint, args.data_dir, args.flip,
+                                       saved=args.add_predictions)
             for member in result["members"]:
-                print(f"{member['workdir']} (step {member['step']}): test accuracy "
-                      f"{member['val_accuracy']:.4f}{tta}")
+                saved = f", from {member['file']}" if "file" in member else ""
+                print(f"{member['workdir']} (step {member['step']}{saved}): test accuracy "
+                      f"{member['val_accuracy']:.4f}{' with flips' if member['flip'] else ''}")
+            tta = " with flips" if args.flip and not args.add_predictions else ""
             print(f"ensemble of {len(result['members'])}{tta}: test accuracy "
                   f"{result['val_accuracy']:.4f}, loss {result['val_loss']:.4f} on "
                   f"{result['val_count']} images")
+            if args.save_predictions:
+                save_predictions(args.save_predictions, result)
+                print(f"predictions of {len(result['members'])} model(s) written to "
+                      f"{args.save_predictions}")
         print("confusion matrix (rows: true class, columns: predicted):")
         print(format_confusion(result["confusion"], result["class_names"]))
         return 0

@@ -7,6 +7,7 @@ import pstats
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO, TINY, TRAIN
 
@@ -76,6 +77,31 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert "ensemble of 1 with flips: test accuracy " in flipped.stdout
     matrix = [line for line in flipped.stdout.splitlines() if line[:1].isdigit()]
     assert sum(int(v) for line in matrix for v in line.split()[-10:]) == 10_000
+    # Saved predictions: the per-image probabilities of the model, which join an ensemble later
+    # as the model itself would (here the same model twice: the same accuracy).
+    from resnet_jax.train import load_predictions
+
+    saved = evaluate_many("--workdir", str(workdir), "--save_predictions",
+                          str(tmp_path / "p.npz"))
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    pred = load_predictions(tmp_path / "p.npz")
+    assert pred["probabilities"].shape == (10_000, 10) and pred["labels"].shape == (10_000,)
+    assert abs(pred["probabilities"].sum(-1) - 1).max() < 1e-5
+    assert abs(np.mean(pred["probabilities"].argmax(-1) == pred["labels"])
+               - best["val_accuracy"]) <= 2e-4  # argmax ties aside, the eval loop's accuracy
+    assert [(m["workdir"], m["step"]) for m in pred["members"]] == [(str(workdir), best["step"])]
+    for args in (["--add_predictions", str(tmp_path / "p.npz"), str(tmp_path / "p.npz")],
+                 ["--workdir", str(workdir), "--add_predictions", str(tmp_path / "p.npz")]):
+        both = evaluate_many(*args)
+        assert both.returncode == 0, both.stderr[-2000:]
+        assert f"from {tmp_path / 'p.npz'}): test accuracy" in both.stdout
+        single = f"{np.mean(pred['probabilities'].argmax(-1) == pred['labels']):.4f}"
+        assert f"ensemble of 2: test accuracy {single}" in both.stdout
+    (tmp_path / "not.npz").write_text("not predictions")
+    bad = evaluate_many("--add_predictions", str(tmp_path / "not.npz"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "is not a prediction file" in bad.stderr.strip().splitlines()[-1]
+
     missing = evaluate_many("--workdir", str(workdir), str(tmp_path / "nothing"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "config.json not found" in missing.stderr.strip().splitlines()[-1]
