@@ -191,20 +191,33 @@ done
 done
 fi
 
-# 3b. The best model of the project (issue 7 asks for >= 0.960): the recipe runs above as an
-# ensemble, and with flip test-time augmentation, alone and together. Run with
-# PARTS="recipe best" RECIPE_SEEDS="0 1 2 3" RECIPE_ERASING=0.5.
+# 3b. The best model of the project (issue 7 asks for >= 0.960): every recipe run alone and as
+# an ensemble, with and without flip test-time augmentation. Each run's test-set probabilities
+# come back as pred_<run>[_flip].npz, so that ensembles across sessions can be evaluated later
+# without a GPU (scripts/evaluate.py --add_predictions FILES).
 if part best; then
   runs=(/tmp/gpu_recipe_*_s*)
-  log "best: ${#runs[@]} recipe runs, alone with flips and as ensembles"
-  for run in "${runs[@]}"; do
-    python3 scripts/evaluate.py --workdir "$run" --flip --data_dir="$DATA" 2>&1 | head -n 2
-  done 2>&1 | tee "$OUT/best.log"
-  for flip in "" --flip; do
-    start=$(date +%s.%N)
-    python3 scripts/evaluate.py --workdir "${runs[@]}" $flip --data_dir="$DATA" 2>&1 \
-      | grep -v "^ \|^[0-9]" | tee -a "$OUT/best.log"
-    python3 -c "print('evaluate wall_s', round($(date +%s.%N) - $start, 1))" | tee -a "$OUT/best.log"
+  log "best: ${#runs[@]} recipe runs, alone and as ensembles, with and without flips"
+  python3 - "$OUT" "$DATA" "${runs[@]}" <<'PY' 2>&1 | grep -v "^WARNING" | tee "$OUT/best.log"
+import sys
+from pathlib import Path
+
+from resnet_jax import train
+
+out, data, runs = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+train.use_compilation_cache("auto")
+for run in runs:
+    for flip in (False, True):
+        result = train.evaluate_ensemble([run], data_dir=data, flip=flip)
+        name = Path(run).name.removeprefix("gpu_") + ("_flip" if flip else "")
+        train.save_predictions(out / f"pred_{name}.npz", result)
+        print(f"{name} (step {result['members'][0]['step']}): {result['val_accuracy']:.4f}")
+PY
+  for flip in "" _flip; do
+    files=()
+    for run in "${runs[@]}"; do files+=("$OUT/pred_${run#/tmp/gpu_}$flip.npz"); done
+    python3 scripts/evaluate.py --add_predictions "${files[@]}" 2>&1 \
+      | grep "^ensemble" | sed "s/^/${flip:-no_flip}: /" | tee -a "$OUT/best.log"
   done
 fi
 
