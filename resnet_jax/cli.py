@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -160,23 +161,35 @@ def main_guard(prog: str, main: Callable[[], int], fast_exit: bool = False) -> N
         _exit_interrupted(prog)
     # Not under a profiler or tracer (cProfile, coverage): they write their results at exit.
     if fast_exit and status == 0 and sys.getprofile() is None and sys.gettrace() is None:
-        exit_now(status)
+        exit_now(status)  # returns only where it cannot
     sys.exit(status)
 
 
 def exit_now(status: int) -> None:
-    """Exits at once, after flushing the standard streams and the logs and leaving the
-    distributed system (its shutdown is a barrier the other processes wait at).
+    """Exits without the interpreter's teardown, after what the interpreter would wait for:
+    the other non-daemon threads (a compilation writing the persistent cache, say), the
+    distributed system's shutdown (a barrier the other processes wait at), the logs and the
+    standard streams.
 
     Finalising the interpreter tears down JAX's backends first (on a GPU: the client, its
     memory and streams), which on this CPU took 0.2-0.4 s after everything was written; the
-    operating system reclaims all of it anyway. Only for a process with nothing left to write:
-    a checkpoint still being written would be lost.
+    operating system reclaims all of it anyway. Only for a process whose files are all written
+    and closed.
     """
+    # What the interpreter does first at exit: tell thread pools' idle workers to stop, then
+    # join every non-daemon thread. Without it (a Python that lacks it), exit the usual way.
+    join_threads = getattr(threading, "_shutdown", None)
+    if join_threads is None:
+        return
+    join_threads()
     if "jax" in sys.modules:
         import jax
 
-        jax.distributed.shutdown()
+        try:
+            jax.distributed.shutdown()
+        except Exception as e:  # the run's work is done and written: say so, keep the status
+            print(f"warning: leaving the distributed system failed: {_first_line(e)}",
+                  file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -436,7 +436,8 @@ def _initializer(config: Config, model: nn.Module, tx: optax.GradientTransformat
 
 
 def _copy(x: jax.Array) -> jax.Array:
-    """A copy of `x` in new buffers, placed as `x` is (across processes too); no compilation."""
+    """A copy of `x` in new buffers, placed as `x` is (across processes too). In one process a
+    plain buffer copy; across processes JAX compiles a small program per shape once."""
     return jax.device_put(x, x.sharding, may_alias=False)
 
 
@@ -776,16 +777,20 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                        if record and not record.get("partial") else None)
             checkpointer.save(step, tree, meta, metrics)
 
+        def diverged(what: str) -> DivergedError:
+            kept = checkpointer.steps()
+            return DivergedError(
+                f"{what}; " + (f"the last good checkpoint, step {kept[-1]}, is kept in "
+                               f"{checkpointer.directory}" if kept
+                               else "no checkpoint had been saved"))
+
         def finish(pending: tuple, accum: dict) -> None:
             chunk_loss, n = pending
             loss = float(chunk_loss) / n  # Blocks on this chunk only; the next one is queued.
             if not np.isfinite(loss):
                 bad = int(accum["nonfinite_step"])  # steps done before the bad one
-                kept = checkpointer.steps()
-                raise DivergedError(
-                    f"loss became {loss} at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); "
-                    + (f"the last good checkpoint, step {kept[-1]}, is kept in "
-                       f"{checkpointer.directory}" if kept else "no checkpoint had been saved"))
+                raise diverged(f"loss became {loss} at step {bad + 1} "
+                               f"(epoch {bad // steps_per_epoch + 1})")
             progress.update(n, n * config.batch_size, loss)
 
         def report(epoch: int, position: int, step: int, images: int, train_time: float,
@@ -797,6 +802,9 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             steps = int(accum["steps"])
             val = summarize_eval(eval_sums)  # blocks until its evaluation is done
             eval_end = time.perf_counter()
+            if not np.isfinite(val["val_loss"]):  # the epoch's last update broke the weights
+                raise diverged(f"the validation loss became {val['val_loss']} after step {step} "
+                               f"(epoch {epoch + 1}), though the training loss was finite")
             record = {"epoch": round(epoch + position / steps_per_epoch, 4), "step": step,
                       "train_loss": float(accum["loss_sum"]) / steps,
                       "train_accuracy": float(accum["accuracy_sum"]) / steps, **val,
@@ -834,8 +842,14 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                     # Chunks end on multiples of `dispatch` within the epoch, so a resumed run
                     # groups steps exactly as an uninterrupted one.
                     n = min(dispatch - position % dispatch, end - position)
-                    state, accum, chunk_loss = train_loop(state, accum, ddata, perm,
-                                                          np.int32(position), np.int32(n))
+                    try:
+                        state, accum, chunk_loss = train_loop(state, accum, ddata, perm,
+                                                              np.int32(position), np.int32(n))
+                    except Exception:
+                        if deferred is not None:  # (out of memory, say) keep the last epoch
+                            deferred()
+                            checkpointer.wait()
+                        raise
                     position, step, images = position + n, step + n, images + n * config.batch_size
                     if deferred is not None:
                         last, epoch_start = deferred()
@@ -875,6 +889,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                 deferred = functools.partial(report, epoch, position, step, images,
                                              train_end - epoch_start, train_end, epoch_accum,
                                              eval_sums, tree)
+                tree = None  # (the copy lives only as long as `deferred`)
                 if not going_on:
                     last, epoch_start = deferred()
                     deferred = None

@@ -239,6 +239,48 @@ def test_divergence_stops_with_the_step(run_train, tmp_path):
     assert json.loads((workdir / "config.json").read_text())["learning_rate"] == 0.01
 
 
+def test_weights_broken_by_an_epochs_last_step_are_not_saved(run_train, tmp_path):
+    # The last step's loss is computed before its update, so it can be finite while the update
+    # leaves the weights infinite: the evaluation catches it, before the checkpoint.
+    out = run_train(f"--workdir={tmp_path}", *TINY, "--epochs=1", "--max_steps=1",
+                    "--learning_rate=1e38")
+    assert out.returncode == 3, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: the validation loss became ")
+    assert "after step 1 (epoch 1), though the training loss was finite" in last
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_a_failure_as_the_next_epoch_starts_keeps_the_finished_epoch(fashion_mnist_dir,
+                                                                     tmp_path, monkeypatch):
+    # An epoch's checkpoint and record are written after the next epoch's first chunk is
+    # queued; if queueing it fails (out of device memory, say), they are written first.
+    from resnet_jax import config as config_lib
+    from resnet_jax import train
+
+    make_loop, calls = train.make_train_loop, []
+
+    def failing_at_the_ninth_chunk(*args, **kwargs):
+        loop = make_loop(*args, **kwargs)
+
+        def run(*loop_args):
+            calls.append(1)
+            if len(calls) == 9:  # epoch 2's first (8 chunks of one step per epoch)
+                raise RuntimeError("RESOURCE_EXHAUSTED: injected")
+            return loop(*loop_args)
+
+        run.lower = loop.lower
+        return run
+
+    monkeypatch.setattr(train, "make_train_loop", failing_at_the_ninth_chunk)
+    config = config_lib.parse_config([f"--data_dir={fashion_mnist_dir}",
+                                      f"--workdir={tmp_path}", *TINY, *EPOCHS])
+    with pytest.raises(RuntimeError, match="injected"):
+        train.train_and_evaluate(config)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["8"]
+    assert [r["step"] for r in history(tmp_path)] == [8]
+
+
 def _idx(path, magic, dims, payload):
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
     with gzip.open(path, "wb") as f:
