@@ -119,17 +119,20 @@ fi
 # 2b. XLA flags that may cut the step's time, each against the baseline. Measured on an H200
 # (benchmarks.md): command buffers over WHILE/CONDITIONAL/CUDNN too gained nothing, autotune
 # level 0 did not finish compiling within 150 s, and the stem max-pool as fused slices was
-# slower. Now: the stem conv on space-to-depth input (the profile showed its one-channel weight
-# gradient in cuDNN's legacy wgrad_alg0_engine), and what the default command buffers (CUDA
+# slower; the stem conv on space-to-depth input was faster (now the default: "direct" measures
+# the old stem). Now: every conv in NHWC (the fp32 profile showed NCHW<->NHWC transposes, ~14%
+# of the step with the other elementwise kernels; bf16 convs are NHWC already), cuDNN's runtime
+# fusion of convs with their elementwise epilogues, and what the default command buffers (CUDA
 # graphs) give, by turning them off.
 # TUNE_DEEP variants are also measured at batch 1024 and profiled (device time by XLA
 # instruction kind, in the JSON; the baseline's fp32 trace is kept).
 if part tune; then
-  for variant in "baseline||" "s2d||--stem_conv space_to_depth" \
+  for variant in "baseline||" "direct||--stem_conv direct" \
+      "nhwc|--xla_gpu_force_conv_nhwc=true|" "runtime_fusion|--xla_gpu_use_runtime_fusion=true|" \
       "cmdbuf_off|--xla_gpu_enable_command_buffer=|"; do
     IFS='|' read -r name flags extra <<< "$variant"
-    [[ " ${TUNE:-baseline s2d cmdbuf_off} " == *" $name "* ]] || continue
-    deep=0; [[ " ${TUNE_DEEP:-baseline s2d} " == *" $name "* ]] && deep=1
+    [[ " ${TUNE:-baseline nhwc runtime_fusion} " == *" $name "* ]] || continue
+    deep=0; [[ " ${TUNE_DEEP:-baseline nhwc} " == *" $name "* ]] && deep=1
     [ $deep = 1 ] && extra="$extra --profile /tmp/gpu_profile/$name"
     log "tune $name: XLA_FLAGS=$flags $extra"
     XLA_FLAGS="$flags" timeout 150 python3 scripts/benchmark.py --arch resnet18 "${B128[@]}" \
