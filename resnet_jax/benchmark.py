@@ -569,8 +569,7 @@ def _fmt(value: Any, spec: str) -> str:
 TABLE_COLUMNS: tuple[tuple[str, int], ...] = (
     ("arch", 10), ("prec", 4), ("batch", 5), ("spd", 4), ("compile_s", 9), ("train_img/s", 11),
     ("ms/step", 8), ("eval_img/s", 10), ("prog_mem", 8), ("peak_mem", 8), ("GF/img", 6),
-    ("fwdGF", 6),
-    ("TFLOP/s", 7), ("MFU", 6),
+    ("fwdGF", 6), ("TFLOP/s", 7), ("MFU", 6),
 )
 
 

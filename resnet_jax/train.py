@@ -625,6 +625,7 @@ def save_predictions(path: str | Path, result: dict) -> None:
 def load_predictions(path: str | Path) -> dict:
     """A prediction file of `save_predictions`: `probabilities`, `labels`, `class_names`,
     `members`; a one-line UserError if it is missing or not one."""
+    not_one = f"{path} is not a prediction file of evaluate.py --save_predictions"
     try:
         with np.load(path, allow_pickle=False) as f:
             out = {"probabilities": np.asarray(f["probabilities"], np.float64),
@@ -634,16 +635,13 @@ def load_predictions(path: str | Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"prediction file {path} not found") from None
     except KeyError as e:
-        raise UserError(f"{path} is not a prediction file of evaluate.py --save_predictions "
-                        f"(no {e})") from None
+        raise UserError(f"{not_one} (no {e})") from None
     except (OSError, ValueError, EOFError) as e:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"{path} is not a prediction file of evaluate.py --save_predictions "
-                        f"({type(e).__name__})") from None
+        raise UserError(f"{not_one} ({type(e).__name__})") from None
     probs, labels = out["probabilities"], out["labels"]
     if (probs.ndim != 2 or labels.shape != probs.shape[:1] or not out["members"]
             or probs.shape[1] != len(out["class_names"])):
-        raise UserError(f"{path} is not a prediction file of evaluate.py --save_predictions "
-                        "(inconsistent shapes)")
+        raise UserError(f"{not_one} (inconsistent shapes)")
     return out
 
 
