@@ -159,6 +159,11 @@ def main_guard(prog: str, main: Callable[[], int], fast_exit: bool = False) -> N
         status = main()
     except KeyboardInterrupt:
         _exit_interrupted(prog)
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`): stop quietly, as a Unix tool does.
+        # Output still buffered would fail again at exit; it goes nowhere instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
     # Not under a profiler or tracer (cProfile, coverage): they write their results at exit.
     if fast_exit and status == 0 and sys.getprofile() is None and sys.gettrace() is None:
         exit_now(status)  # returns only where it cannot

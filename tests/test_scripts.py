@@ -97,6 +97,12 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
         assert f"from {tmp_path / 'p.npz'}): test accuracy" in both.stdout
         single = f"{np.mean(pred['probabilities'].argmax(-1) == pred['labels']):.4f}"
         assert f"ensemble of 2: test accuracy {single}" in both.stdout
+    # A reader that goes away (`evaluate.py ... | head`) stops it quietly, as a Unix tool.
+    gone = subprocess.Popen([sys.executable, str(REPO / "scripts" / "evaluate.py"),
+                             "--add_predictions", str(tmp_path / "p.npz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gone.stdout.close()
+    assert gone.wait(timeout=300) == 141 and gone.stderr.read() == ""
     (tmp_path / "not.npz").write_text("not predictions")
     bad = evaluate_many("--add_predictions", str(tmp_path / "not.npz"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
