@@ -26,6 +26,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -634,10 +635,22 @@ def _stats(values: Sequence[float]) -> dict[str, float | None]:
             "min": min(values), "max": max(values)}
 
 
+def seeds_on_disk(experiment: Experiment, preset: str, runs_dir: str | Path) -> int:
+    """1 + the highest seed of any workdir of ``experiment`` in ``runs_dir`` (0 if none)."""
+    found = [re.fullmatch(r".+-seed(\d+)", p.name)
+             for p in (Path(runs_dir) / experiment.name / preset).glob("*-seed*")]
+    return max((int(m.group(1)) + 1 for m in found if m), default=0)
+
+
 def collect(experiment: Experiment, preset: str, seeds: int, runs_dir: str | Path,
             data_dir: str | None = None) -> tuple[list[dict], list[str]]:
-    """Per-row summaries over the finished seeds, and the names of rows with none finished."""
-    runs = plan(experiment, preset, seeds, runs_dir, data_dir)
+    """Per-row summaries over the finished seeds, and the names of rows with none finished.
+
+    Seeds 0 .. ``seeds`` - 1 and any higher seed finished in ``runs_dir``: a report made with
+    fewer ``seeds`` than an earlier one (adding a row with one seed, say) keeps every seed run.
+    """
+    runs = plan(experiment, preset, max(seeds, seeds_on_disk(experiment, preset, runs_dir)),
+                runs_dir, data_dir)
     varying = _varying(runs)
     rows, missing = [], []
     for row in experiment.rows:

@@ -10,7 +10,8 @@ command again skips the finished runs and resumes an interrupted one. A run whos
 seed equal those of a run another experiment finished in RUNS_DIR is not trained again: that run's
 records (config.json, metrics.jsonl) are copied. The report goes to OUT/NAME/PRESET/: table.md,
 results.csv, results.json and PNG plots. NAME `all` runs every experiment in turn. The report
-covers seeds 0 .. N-1 (--seeds) of every row whose run is finished; --report_only writes it from
+covers every finished run of every row: seeds 0 .. N-1 (--seeds) and any other seed finished in
+RUNS_DIR, so adding a row with fewer seeds keeps the others' seeds; --report_only writes it from
 the finished runs without training (e.g. from records a GPU machine sent back).
 
 Unknown names, presets or rows are one line on stderr with exit status 2. A run whose loss
@@ -34,7 +35,9 @@ def make_parser():
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="the experiment (see --list), or all")
     parser.add_argument("--preset", default="cpu", help="tiny (CI smoke), cpu or gpu")
-    parser.add_argument("--seeds", type=int, default=1, help="run seeds 0 .. N-1 of every row")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train seeds 0 .. N-1 of every row (default 1); the report also "
+                        "covers other seeds finished in --runs_dir")
     parser.add_argument("--rows", default="", help="comma-separated rows to train (default: all);"
                         " the report covers every finished row")
     parser.add_argument("--data_dir", default=None, help="as train.py's --data_dir")

@@ -141,6 +141,22 @@ def test_report_of_every_experiment_from_workdirs(tmp_path, monkeypatch):
             assert (folder / plot.file).read_bytes()[:8] == PNG, (experiment.name, plot.file)
 
 
+def test_report_keeps_every_finished_seed(tmp_path, monkeypatch):
+    # Seeds 0-2 finished earlier; a report asked for one seed (the default) still covers all
+    # three, and a seed whose run is unfinished is not counted.
+    monkeypatch.setattr(ex, "model_cost", lambda s: {"flops": 1.0, "params": 1})
+    experiment = ex.get_experiment("capacity")
+    runs = ex.plan(experiment, "tiny", 4, tmp_path / "runs", rows=["width4"])
+    for run in runs[:3]:
+        _fake_workdir(run, 0.01 * run.seed)
+    runs[3].workdir.mkdir(parents=True)  # seed 3: started, nothing finished
+    assert ex.seeds_on_disk(experiment, "tiny", tmp_path / "runs") == 4
+    folder = ex.write_report(experiment, "tiny", 1, tmp_path / "runs", tmp_path / "out")
+    (row,) = json.loads((folder / "results.json").read_text())["rows"]
+    assert row["seeds"] == [0, 1, 2]
+    assert "| 0,1,2 |" in (folder / "table.md").read_text()
+
+
 def test_identical_runs_are_shared_between_experiments(tmp_path):
     runs_dir = tmp_path / "runs"
 
