@@ -402,8 +402,8 @@ class _Preemption:
         if self.signum is not None:
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: checkpointing after the current step "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
+        print(f"\nreceived {signal.Signals(signum).name}: checkpointing after the current "
+              "dispatch (send it again to exit at once)", file=sys.stderr, flush=True)
 
 
 def _initializer(config: Config, model: nn.Module, tx: optax.GradientTransformation,
