@@ -557,9 +557,10 @@ class ResNet(nn.Module):
         # Pool in float32: a bf16 sum over many positions loses precision.
         wide = jnp.promote_types(self.dtype, jnp.float32)  # float32, or float64 under x64
         x = jnp.mean(x.astype(wide), axis=(1, 2))
-        x = nn.Dense(self.num_classes, kernel_init=_fc_init(self.variant), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="fc")(x)
-        return x.astype(wide)  # stable losses whatever the compute dtype
+        # The head in float32 too (a 512x10 product: nothing to gain in bf16), so that the
+        # logits, and the losses from them, are float32 values whatever the compute dtype.
+        return nn.Dense(self.num_classes, kernel_init=_fc_init(self.variant), dtype=wide,
+                        param_dtype=self.param_dtype, name="fc")(x)
 
 
 # ----------------------------------------------------------------------------------------------

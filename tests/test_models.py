@@ -134,6 +134,10 @@ def test_bfloat16_keeps_float32_params_and_statistics():
     assert y.dtype == jnp.float32
     for leaf in jax.tree.leaves((variables["params"], state["batch_stats"])):
         assert leaf.dtype == jnp.float32
+    # Float32 values, not bf16 ones widened: the head runs in float32 on float32 features.
+    x = jnp.asarray(np.random.default_rng(0).random((4, 8, 8, 3)), jnp.float32)
+    y = model.apply(variables, x, train=False)
+    assert np.any(np.asarray(y) != np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32)))
 
 
 # ---------------------------------------------------------------------------------------------
