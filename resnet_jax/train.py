@@ -84,9 +84,12 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
                        label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy, in float32 whatever the compute dtype."""
+    """Per-example softmax cross-entropy, in float32 whatever the compute dtype.
+
+    `label_smoothing` may be traced (e.g. an argument of a jitted `train_step`).
+    """
     targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
+    if not (isinstance(label_smoothing, int | float) and label_smoothing == 0):
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(
         logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), targets)

@@ -88,6 +88,11 @@ def test_label_smoothing_changes_the_loss():
     _, plain = train_step(state, b)
     _, smooth = train_step(state, b, label_smoothing=0.1)
     assert float(plain["loss"]) != pytest.approx(float(smooth["loss"]))
+    # Traced (a plain argument of the jitted step), it computes the same loss.
+    _, traced = jax.jit(train_step)(state, b, label_smoothing=0.1)
+    np.testing.assert_allclose(traced["loss"], smooth["loss"], rtol=1e-5)
+    _, traced0 = jax.jit(train_step)(state, b, label_smoothing=0.0)
+    np.testing.assert_allclose(traced0["loss"], plain["loss"], rtol=1e-5)
 
 
 def synthetic_data(num_train=40, num_test=13, seed=0):
