@@ -19,6 +19,8 @@ __all__ = [
     "ResNet",
     "Residual",
     "UserError",
+    "conv_per_group",
+    "conv_space_to_depth",
     "create_model",
     "list_models",
     "model_flops",
@@ -26,6 +28,9 @@ __all__ = [
 ]
 _EXPORTS = {name: "resnet_jax.errors" if name == "UserError" else "resnet_jax.models"
             for name in __all__}
+# The submodules, also loaded on first use: `resnet_jax.train.train_step` after `import resnet_jax`.
+_SUBMODULES = frozenset({"benchmark", "checkpoint", "cli", "config", "data", "distributed",
+                         "errors", "experiments", "metrics", "models", "optimizer", "train"})
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -37,6 +42,8 @@ if TYPE_CHECKING:
         Residual,
         ResNet,
         ResNeXtBlock,
+        conv_per_group,
+        conv_space_to_depth,
         create_model,
         list_models,
         model_flops,
@@ -49,8 +56,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later lookups skip this function
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"resnet_jax.{name}")  # (which binds it here)
     raise AttributeError(f"module 'resnet_jax' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*__all__, *_SUBMODULES, "__version__"})

@@ -501,6 +501,9 @@ class ResNet(nn.Module):
             1, 64,
         ):
             raise ValueError("cardinality/base_width apply to bottleneck blocks only")
+        if self.block not in ("basic", "preact_basic"):
+            for c in self.stage_channels:  # raises if a stage's bottleneck would be 0 wide
+                _group_width(c, self.base_width, self.cardinality)
         if self.zero_init_residual and not self.shortcut:
             # Without a shortcut a zeroed branch outputs 0, and nothing below the head would
             # ever get a gradient.
@@ -700,7 +703,8 @@ def abstract_variables(model: nn.Module, input_shape: Sequence[int]) -> Any:
 
 
 def param_count(variables_or_params: Any) -> int:
-    """Number of trainable parameters (the ``"params"`` collection if given all variables).
+    """Number of trainable parameters (the ``"params"`` collection if given all variables, the
+    ``params`` of a train state if given one).
 
     Works on arrays and on ``jax.ShapeDtypeStruct`` leaves alike, e.g. on
     :func:`abstract_variables`.
@@ -708,6 +712,8 @@ def param_count(variables_or_params: Any) -> int:
     tree = variables_or_params
     if isinstance(tree, Mapping) and "params" in tree:
         tree = tree["params"]
+    elif not isinstance(tree, Mapping) and hasattr(tree, "params"):  # a TrainState
+        tree = tree.params
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 

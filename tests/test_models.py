@@ -6,6 +6,7 @@ parameters.
 """
 
 import functools
+from pathlib import Path
 
 import chex
 import jax
@@ -148,6 +149,33 @@ def test_bfloat16_keeps_float32_params_and_statistics():
 def test_chapter_resnet18_param_count():
     variables = models.abstract_variables(models.create_model("resnet18"), (1, 96, 96, 1))
     assert models.param_count(variables) == 11_178_378
+    assert models.param_count(variables["params"]) == 11_178_378
+
+
+def test_param_count_of_a_train_state_counts_its_params_only():
+    import optax
+
+    from resnet_jax.train import create_train_state
+
+    model = models.create_model("resnet18", width=4, stem="small")
+    state = create_train_state(model, optax.adam(1e-3), jax.random.key(0), (1, 8, 8, 1))
+    assert models.param_count(state) == models.param_count(state.params) < sum(
+        x.size for x in jax.tree.leaves(state.arrays()))
+
+
+def test_package_top_level():
+    import resnet_jax
+
+    # The README's API table is importable from the top, and the submodules load on first use.
+    assert resnet_jax.conv_per_group is models.conv_per_group
+    assert resnet_jax.conv_space_to_depth is models.conv_space_to_depth
+    assert callable(resnet_jax.train.train_step)
+    files = {p.stem for p in Path(resnet_jax.__file__).parent.glob("*.py")} - {"__init__"}
+    assert files <= set(dir(resnet_jax)), files - set(dir(resnet_jax))
+    assert set(resnet_jax.__all__) <= set(dir(resnet_jax))
+    assert not {"importlib", "Any", "TYPE_CHECKING"} & set(dir(resnet_jax))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        resnet_jax.nope  # noqa: B018
 
 
 @pytest.mark.parametrize(
@@ -632,6 +660,9 @@ def test_preact_network_stem_first_stage_and_head_by_hand():
          r"stem_conv='space_to_depth' applies to the imagenet stem only"),
         ("resnet18", {"grouped_conv": "split"}, r"unknown option\(s\) grouped_conv"),
         ("plain18", {"zero_init_residual": True}, r"zero_init_residual needs the shortcuts"),
+        # Caught at construction, not when init traces: a stage's bottleneck would be 0 wide.
+        ("resnext50_32x4d", {"width": 8}, r"bottleneck width is 0 \(num_channels=8, base_wi"),
+        ("resnet50", {"width": 8, "base_width": 1}, r"bottleneck width is 0"),
     ],
 )
 def test_bad_names_and_options_raise_value_error(name, options, match):
