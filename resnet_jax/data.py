@@ -617,6 +617,8 @@ def preprocess(images_u8: jax.Array, image_size: int, dtype=jnp.float32) -> jax.
     float: at 96x96 they differ by at most 1/255, 0.16/255 on average; see
     scripts/check_torch_parity.py.)
     """
+    if images_u8.dtype != jnp.uint8:  # float images in [0, 1] would be divided by 255 again
+        raise TypeError(f"preprocess takes uint8 images, got {images_u8.dtype}")
     x = images_u8.astype(jnp.float32) / 255.0
     b, h, w, c = x.shape
     if (h, w) != (image_size, image_size):

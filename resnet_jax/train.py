@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import operator
 import os
 import shutil
 import signal
@@ -196,7 +197,12 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
     last bits, which is why the trainer aligns chunks to fixed step numbers. The seed is passed
     to the compiled programs as an argument, not baked in, so runs with other seeds find them
     in the persistent compilation cache.
+
+    `dtype` is the dtype the uint8 images are preprocessed to; the model's own `dtype` sets
+    the precision its layers compute in (the trainer gives both the same).
     """
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
@@ -237,12 +243,24 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
     unrolled = jax.jit(single, out_shardings=replicated, donate_argnums=(0, 1))
 
     def run(state, accum, data, perm, start, num_steps):
+        # Host integers are checked and passed as int32 whatever their Python type (a weakly
+        # typed int would compile the program again); `start` may also be traced.
+        num_steps = int(num_steps)
+        try:
+            first = operator.index(start)
+        except TypeError:  # traced, by a caller's jit
+            first = None
+        if num_steps < 1 or first is not None and (
+                first < 0 or (first + num_steps) * batch_size > perm.shape[0]):
+            raise ValueError(f"{num_steps} steps from step {start} of batch {batch_size} do not "
+                             f"fit the permutation of {perm.shape[0]} examples")
+        start = start if first is None else np.int32(first)
         # XLA:CPU runs a convolution inside a while loop several times slower than outside one
         # (measured: 3.4 s vs 0.9 s per ResNet-18 step at 28x28, batch 128), so a single step is
         # dispatched without a loop; on CPU the default is one step per dispatch.
-        if int(num_steps) == 1:
+        if num_steps == 1:
             return unrolled(state, accum, data, perm, start, np.int32(seed))
-        return looped(state, accum, data, perm, start, num_steps, np.int32(seed))
+        return looped(state, accum, data, perm, start, np.int32(num_steps), np.int32(seed))
 
     def lower(state, accum, data, perm, num_steps: int) -> jax.stages.Lowered:
         """The program `run` dispatches for chunks of `num_steps` (arrays may be abstract)."""

@@ -1,5 +1,6 @@
 """The train and eval steps, and their sharded loops, on tiny models and synthetic data."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -157,6 +158,27 @@ def test_chunked_train_loop_does_not_depend_on_the_split():
     whole = run([4])
     chex.assert_trees_all_equal(whole, run([2, 2]))
     chex.assert_trees_all_close(whole, run([1, 1, 1, 1]), rtol=1e-4, atol=1e-5)
+
+
+def test_train_loop_checks_its_steps_and_compiles_once_for_any_int_type(caplog):
+    mesh = make_mesh()
+    data = replicate(synthetic_data(num_train=64), mesh)
+    loop = make_train_loop(mesh, batch_size=8, image_size=16, seed=0)
+    perm = data_lib.epoch_permutation(0, 0, 64)
+    state, accum = tiny_state(), empty_accum()
+    for start in (0, 2):  # the second call sees the state as the loop returns it
+        state, accum, _ = loop(state, accum, data, perm, np.int32(start), np.int32(2))
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
+        state, accum, _ = loop(state, accum, data, perm, 4, 3)  # Python ints: the same program
+    compiled = [r.getMessage() for r in caplog.records if "jit(loop)" in r.getMessage()]
+    assert not compiled, compiled
+    assert int(accum["steps"]) == 7
+    with pytest.raises(ValueError, match="2 steps from step 7 of batch 8 do not fit the perm"):
+        loop(state, accum, data, perm, 7, 2)  # 9 batches of 8 from 64 examples
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*31\), got 2147483648"):
+        make_train_loop(mesh, batch_size=8, image_size=16, seed=2**31)
+    with pytest.raises(TypeError, match="preprocess takes uint8 images, got float32"):
+        data_lib.preprocess(jnp.zeros((1, 12, 12, 1)), 16)  # [0, 1] floats: not again / 255
 
 
 def test_random_erasing_changes_the_batches_and_nothing_else():
