@@ -8,6 +8,7 @@ checkpoint written on 2 processes x 2 devices restores on 1 device and back) and
 
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -31,6 +32,12 @@ class Restored:
     meta: dict
 
 
+def _read_only_notes(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("read_only=True, setting save_interval_steps" in message
+                or message.startswith("Given directory is read only"))
+
+
 def _policy(keep: int) -> pp.PreservationPolicy:
     return pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
@@ -46,17 +53,22 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, *, async_save: bool = True,
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=_policy(keep),
-            enable_async_checkpointing=async_save,
-            # Half-written saves of a killed run are left as tmp folders: never listed as steps,
-            # removed here so they don't pile up.
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
-        )
         self.read_only = read_only
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(_read_only_notes)  # (Orbax's notes that read-only is read-only)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=_policy(keep),
+                enable_async_checkpointing=async_save,
+                # Half-written saves of a killed run are left as tmp folders: never listed as
+                # steps, removed here so they don't pile up.
+                cleanup_tmp_directories=not read_only,
+                create=not read_only,
+                read_only=read_only,
+            )
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_log.removeFilter(_read_only_notes)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

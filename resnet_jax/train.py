@@ -487,8 +487,8 @@ def _compile_ahead(compiler: ThreadPoolExecutor, train_loop: Callable, eval_loop
             compiler.submit(lambda: eval_loop.lower(state, data, idx, mask).compile()))
 
 
-def load_config(workdir: str | Path) -> Config:
-    """The Config a workdir was trained with (from its config.json)."""
+def _saved_config(workdir: str | Path) -> tuple[Path, dict]:
+    """The path of a workdir's config.json and its JSON object."""
     path = Path(workdir) / "config.json"
     try:
         saved = json.loads(path.read_text())
@@ -498,43 +498,50 @@ def load_config(workdir: str | Path) -> Config:
         raise UserError(f"{path} is unreadable: {e}") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a training config (not a JSON object)")
+    return path, saved
+
+
+def load_config(workdir: str | Path) -> Config:
+    """The Config a workdir was trained with (from its config.json)."""
+    path, saved = _saved_config(workdir)
     try:
         return from_saved(saved)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
 
 
-def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str | None = None,
-                  mesh: Mesh | None = None, dataset: data_lib.Dataset | None = None,
-                  ) -> tuple[Config, TrainState, data_lib.Dataset, int]:
-    """Restores a checkpoint of `workdir` (`latest`, `best` or a step number).
+def load_checkpoint(workdir: str | Path, checkpoint: str | int = "latest",
+                    mesh: Mesh | None = None, *, steps_per_epoch: int | None = None,
+                    ) -> tuple[Config, TrainState, int]:
+    """Restores a checkpoint of `workdir` (`latest`, `best` or a step number), without the data.
 
-    Returns the run's Config, the TrainState, the dataset and the restored step. A `dataset`
-    already loaded is used, not read again, if it is the one the run was trained on.
+    The model and optimizer are rebuilt from the run's config.json: the dataset's class count
+    and channels from the dataset table, the schedule's `steps_per_epoch` from the record of
+    the run (or as given). Returns the run's Config, the TrainState (placed replicated on
+    `mesh`, default every device) and the restored step. For inference:
+    `state.apply_fn(state.variables, images, train=False)` on NHWC float images in [0, 1] at
+    `config.image_size`.
     """
     from resnet_jax.checkpoint import best_steps
 
+    path, saved = _saved_config(workdir)
     config = load_config(workdir)
-    if data_dir:
-        config = config.replace(data_dir=data_dir)
+    spec = data_lib.get_spec(config.dataset)
+    if steps_per_epoch is None:
+        steps_per_epoch = (saved.get("resolved") or {}).get("steps_per_epoch")
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            raise UserError(f"{path} does not record the run's steps per epoch; restore with "
+                            "its data (restore_state)")
     mesh = mesh if mesh is not None else make_mesh()
-    if dataset is None or dataset.spec.tfds_name != config.dataset:
-        try:
-            dataset = data_lib.load_dataset(config.dataset, config.data_dir)
-        except UserError as e:
-            if data_dir:
-                raise
-            raise UserError(f"{e} (the run's data_dir, from {Path(workdir) / 'config.json'}; "
-                            "give --data_dir)") from None
-    num_train = min(len(dataset.train_labels), config.train_examples or len(dataset.train_labels))
-    model = build_model(config, dataset.spec.num_classes)
-    tx = create_optimizer(config, data_lib.steps_per_epoch(num_train, config.batch_size))
-    _, abstract = _initializer(config, model, tx, dataset.spec.image_shape[-1], mesh)
+    model = build_model(config, spec.num_classes)
+    tx = create_optimizer(config, steps_per_epoch)
+    _, abstract = _initializer(config, model, tx, spec.image_shape[-1], mesh)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints", read_only=True)
     try:
         steps = checkpointer.steps()
         if not steps:
             raise UserError(f"no checkpoints in {checkpointer.directory}")
+        checkpoint = str(checkpoint)
         if checkpoint == "latest":
             candidates = None
         elif checkpoint == "best":
@@ -548,10 +555,38 @@ def restore_state(workdir: str | Path, checkpoint: str = "latest", data_dir: str
     finally:
         checkpointer.close()
     state = TrainState(apply_fn=model.apply, tx=tx, **restored.tree["state"])
-    return config, state, dataset, restored.step
+    return config, state, restored.step
 
 
-def evaluate_checkpoint(workdir: str | Path, checkpoint: str = "latest",
+def restore_state(workdir: str | Path, checkpoint: str | int = "latest",
+                  data_dir: str | None = None, mesh: Mesh | None = None,
+                  dataset: data_lib.Dataset | None = None,
+                  ) -> tuple[Config, TrainState, data_lib.Dataset, int]:
+    """Restores a checkpoint of `workdir` (`latest`, `best` or a step number), and its data.
+
+    Returns the run's Config, the TrainState, the dataset and the restored step. A `dataset`
+    already loaded is used, not read again, if it is the one the run was trained on.
+    (`load_checkpoint` restores without the data.)
+    """
+    config = load_config(workdir)
+    if data_dir:
+        config = config.replace(data_dir=data_dir)
+    if dataset is None or dataset.spec.tfds_name != config.dataset:
+        try:
+            dataset = data_lib.load_dataset(config.dataset, config.data_dir)
+        except UserError as e:
+            if data_dir:
+                raise
+            raise UserError(f"{e} (the run's data_dir, from {Path(workdir) / 'config.json'}; "
+                            "give --data_dir)") from None
+    num_train = min(len(dataset.train_labels), config.train_examples or len(dataset.train_labels))
+    _, state, step = load_checkpoint(
+        workdir, checkpoint, mesh,
+        steps_per_epoch=data_lib.steps_per_epoch(num_train, config.batch_size))
+    return config, state, dataset, step
+
+
+def evaluate_checkpoint(workdir: str | Path, checkpoint: str | int = "latest",
                         data_dir: str | None = None, mesh: Mesh | None = None) -> dict:
     """Restores a checkpoint of `workdir` (`latest`, `best` or a step) and evaluates it on the
     whole test split: `val_loss`, `val_accuracy`, `confusion` [true, predicted], `class_names`."""

@@ -3,6 +3,7 @@ mismatches, divergence, and one-line errors for bad input."""
 
 import gzip
 import json
+import logging
 import os
 import random
 import shutil
@@ -12,10 +13,13 @@ import sys
 import time
 import warnings
 
+import chex
 import jax
 import numpy as np
 import pytest
 from conftest import TINY, TRAIN
+
+from resnet_jax.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +137,29 @@ def test_each_epochs_checkpoint_holds_the_state_at_its_step(reference, run_train
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(jax.device_get(ref_state.arrays())),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_checkpoint_needs_no_data(reference, tmp_path, caplog):
+    # Weights for inference on another machine: the run's data folder is gone, the step is an
+    # int, and the restore logs nothing (Orbax's read-only notes are filtered).
+    from resnet_jax.train import load_checkpoint, restore_state
+
+    ref_dir, _ = reference
+    workdir = tmp_path / "moved"
+    shutil.copytree(ref_dir, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**saved, "data_dir": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match="does not exist"):
+        restore_state(workdir, 16)
+    with caplog.at_level(logging.INFO):
+        config, state, step = load_checkpoint(workdir, 16)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    _, ref_state, _, ref_step = restore_state(ref_dir, "16")
+    assert step == ref_step == 16 and config.arch == saved["arch"]
+    chex.assert_trees_all_equal(jax.device_get(state.arrays()),
+                                jax.device_get(ref_state.arrays()))
+    chex.assert_trees_all_equal(state.tx.update(state.params, state.opt_state, state.params),
+                                ref_state.tx.update(state.params, state.opt_state, state.params))
 
 
 def _checkpoint_files(step_dir):
