@@ -187,14 +187,17 @@ def augment_key(seed: int | jax.Array, step: jax.Array) -> jax.Array:
 
 def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
                     augment: bool = False, random_erasing: float = 0.0,
-                    label_smoothing: float = 0.0, dtype: Any = jnp.float32) -> Callable:
+                    label_smoothing: float = 0.0, dtype: Any = jnp.float32,
+                    loop_single_steps: bool = False) -> Callable:
     """`loop(state, accum, data, perm, start, num_steps) -> (state, accum, chunk_loss_sum)`.
 
     Runs `num_steps` train steps (a traced count: one compilation serves every chunk length)
     on batches `perm[(start + i) * batch_size : ...]`, with the state buffers donated. Each step
     is `train_step` on the gathered, preprocessed batch. Chunks of several steps give the same
     bits however they are split; a lone step is compiled without the loop and may differ in the
-    last bits, which is why the trainer aligns chunks to fixed step numbers. The seed is passed
+    last bits, unless `loop_single_steps` (then it runs in the loop too). The trainer aligns
+    chunks to fixed step numbers, and loops single steps when it dispatches several steps at
+    a time: a run stopped mid-chunk (--max_steps) and resumed splits a chunk. The seed is passed
     to the compiled programs as an argument, not baked in, so runs with other seeds find them
     in the persistent compilation cache.
 
@@ -258,14 +261,14 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
         # XLA:CPU runs a convolution inside a while loop several times slower than outside one
         # (measured: 3.4 s vs 0.9 s per ResNet-18 step at 28x28, batch 128), so a single step is
         # dispatched without a loop; on CPU the default is one step per dispatch.
-        if num_steps == 1:
+        if num_steps == 1 and not loop_single_steps:
             return unrolled(state, accum, data, perm, start, np.int32(seed))
         return looped(state, accum, data, perm, start, np.int32(num_steps), np.int32(seed))
 
     def lower(state, accum, data, perm, num_steps: int) -> jax.stages.Lowered:
         """The program `run` dispatches for chunks of `num_steps` (arrays may be abstract)."""
         scalar = jax.ShapeDtypeStruct((), np.int32)
-        if num_steps == 1:
+        if num_steps == 1 and not loop_single_steps:
             return unrolled.lower(state, accum, data, perm, scalar, scalar)
         return looped.lower(state, accum, data, perm, scalar, scalar, scalar)
 
@@ -766,7 +769,8 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
     train_loop = make_train_loop(mesh, batch_size=config.batch_size, image_size=config.image_size,
                                  seed=config.seed, augment=config.augment,
                                  random_erasing=config.random_erasing,
-                                 label_smoothing=config.label_smoothing, dtype=dtype)
+                                 label_smoothing=config.label_smoothing, dtype=dtype,
+                                 loop_single_steps=dispatch > 1)
     eval_loop = make_eval_loop(mesh, image_size=config.image_size, dtype=dtype)
     eval_idx, eval_mask = data_lib.eval_batches(len(dataset.test_labels), config.batch_size)
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)

@@ -123,6 +123,31 @@ def test_sigterm_checkpoints_and_resumes(reference, fashion_mnist_dir, tmp_path)
         np.testing.assert_array_equal(a, b)
 
 
+TIMING = {"images_per_sec", "train_time", "eval_time", "wall_time"}
+
+
+def computed(records):
+    """A run's metrics without the timings: what resuming must reproduce exactly."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_resume_mid_epoch_and_mid_dispatch_is_bit_identical(run_train, tmp_path):
+    # Three steps per dispatch (an accelerator's in-jit loop, here on the CPU). A run stopped at
+    # step 10 (--max_steps: mid-epoch and mid-dispatch) then extended computes what an
+    # uninterrupted one does: the state bit for bit, and every epoch's metrics, whose running
+    # sums over the epoch's first steps come from the checkpoint.
+    args = [*(a for a in TINY if not a.startswith("--steps_per_dispatch")),
+            "--steps_per_dispatch=3", "--epochs=2"]
+    for workdir, extra in (("whole", []), ("cut", ["--max_steps=10"]), ("cut", [])):
+        out = run_train(f"--workdir={tmp_path / workdir}", *args, *extra)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "(step 10)" in out.stdout  # the last run resumed there
+    assert computed(history(tmp_path / "cut")) == computed(history(tmp_path / "whole"))
+    (step, state), (ref_step, ref_state) = restore(tmp_path / "cut"), restore(tmp_path / "whole")
+    assert step == ref_step == 16
+    chex.assert_trees_all_equal(state, ref_state)
+
+
 def test_each_epochs_checkpoint_holds_the_state_at_its_step(reference, run_train, tmp_path):
     # The trainer queues the next epoch's first steps (which take the state's buffers) before it
     # writes an epoch's checkpoint, from a copy: that copy must be the epoch's end, bit for bit.

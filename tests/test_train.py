@@ -158,6 +158,10 @@ def test_chunked_train_loop_does_not_depend_on_the_split():
     whole = run([4])
     chex.assert_trees_all_equal(whole, run([2, 2]))
     chex.assert_trees_all_close(whole, run([1, 1, 1, 1]), rtol=1e-4, atol=1e-5)
+    # Lone steps inside the loop (what the trainer does when it dispatches several at a time).
+    loop = make_train_loop(mesh, batch_size=8, image_size=16, seed=3, augment=True,
+                           random_erasing=0.5, loop_single_steps=True)
+    chex.assert_trees_all_equal(whole, run([2, 1, 1]))
 
 
 def test_train_loop_checks_its_steps_and_compiles_once_for_any_int_type(caplog):
