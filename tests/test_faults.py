@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -59,28 +60,49 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(reference, fashio
     ref_dir, ref_seconds = reference
     workdir = tmp_path / "killed"
     rng = random.Random(1234)
-    kills, finished = 0, False
-    # Kill points spread over the whole run (start-up, steps, evaluation, checkpoint writes);
-    # each restart resumes from whatever the previous one left.
-    # A kill lands before 70% of an uninterrupted run's time: a restarted run repeats its
-    # start-up, so at least two kills land before it can finish (the start-up alone is ~half).
-    for _ in range(6):
+    records = history(ref_dir)
+    epoch_seconds = records[-1]["wall_time"] - records[-2]["wall_time"]
+    kills, finished, outputs = 0, False, []
+    # Kills alternate between a random moment (start-up, mostly: a restart repeats it) and a
+    # random moment of the epoch after the process's first epoch ended and its checkpoint was
+    # finalised (steps, evaluation, the next checkpoint's write), so that restarts resume from
+    # successive checkpoints.
+    for attempt in range(6):
         proc = popen_train(fashion_mnist_dir, workdir)
+        lines = []
+        if attempt % 2:
+            while not (line := proc.stdout.readline()).startswith("epoch ") and line:
+                lines.append(line)
+            lines.append(line)
+            if step := re.search(r" step (\d+):", line):
+                saved = workdir / "checkpoints" / step.group(1)  # (renamed there when final)
+                deadline = time.monotonic() + 120
+                while not saved.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            delay = rng.uniform(0.2, 1.1) * epoch_seconds
+        else:
+            delay = rng.uniform(0.05, 0.5) * ref_seconds
         try:
-            proc.wait(timeout=rng.uniform(0.25, 0.7) * ref_seconds)
+            proc.wait(timeout=delay)
             finished = proc.returncode == 0
             assert finished, proc.stderr.read()[-2000:]
+            outputs.append("".join(lines) + proc.stdout.read())
             break
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
             kills += 1
+            outputs.append("".join(lines) + proc.stdout.read())
     if not finished:
         proc = popen_train(fashion_mnist_dir, workdir)
-        _, err = proc.communicate(timeout=900)
+        out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-2000:]
-    print(f"{kills} kills, resumed exactly")  # shown with -s; the README quotes these runs
-    assert kills >= 2
+        outputs.append(out)
+    resumed = [int(m) for out in outputs for m in re.findall(r"resuming from \S+ \(step (\d+)\)",
+                                                              out)]
+    # shown with -s; the README quotes these runs
+    print(f"{kills} kills; restarts resumed from steps {resumed}; final state identical")
+    assert kills >= 2 and len(set(resumed) - {0}) >= 2, (kills, resumed)
 
     ref_step, ref_state = restore(ref_dir)
     step, state = restore(workdir)
