@@ -38,6 +38,14 @@ def history(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+TIMING = {"images_per_sec", "train_time", "eval_time", "wall_time"}
+
+
+def computed(records):
+    """A run's metrics without the timings: what resuming must reproduce exactly."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
 @pytest.fixture(scope="module")
 def reference(run_train, tmp_path_factory):
     """An uninterrupted run of the tiny configuration, and how long it took."""
@@ -143,14 +151,7 @@ def test_sigterm_checkpoints_and_resumes(reference, fashion_mnist_dir, tmp_path)
     _, state = restore(workdir)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-TIMING = {"images_per_sec", "train_time", "eval_time", "wall_time"}
-
-
-def computed(records):
-    """A run's metrics without the timings: what resuming must reproduce exactly."""
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    assert computed(history(workdir)) == computed(history(ref_dir))
 
 
 def test_resume_mid_epoch_and_mid_dispatch_is_bit_identical(run_train, tmp_path):
