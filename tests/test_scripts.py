@@ -97,6 +97,29 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
         assert f"from {tmp_path / 'p.npz'}): test accuracy" in both.stdout
         single = f"{np.mean(pred['probabilities'].argmax(-1) == pred['labels']):.4f}"
         assert f"ensemble of 2: test accuracy {single}" in both.stdout
+    # Different members: an ensemble is the mean of their probabilities, and a saved ensemble
+    # weighs as many models as it holds. (Checkpoints 10 and 24 of this run, then both again.)
+    from resnet_jax.train import evaluate_ensemble
+
+    def predictions(name, *args):
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), *args,
+                               "--save_predictions", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return load_predictions(tmp_path / name)["probabilities"]
+
+    p10, p24 = (predictions(f"p{step}.npz", "--workdir", str(workdir), f"--checkpoint={step}")
+                for step in (10, 24))
+    assert not np.allclose(p10, p24, atol=1e-3)
+    pair = predictions("pair.npz", "--add_predictions", *(str(tmp_path / f"p{s}.npz")
+                                                          for s in (10, 24)))
+    np.testing.assert_allclose(pair, (p10 + p24) / 2, rtol=1e-6, atol=1e-7)
+    three = evaluate_ensemble([], saved=[tmp_path / "pair.npz", tmp_path / "p24.npz"])
+    mean = (2 * pair + p24) / 3
+    assert len(three["members"]) == 3
+    assert three["val_accuracy"] == np.mean(mean.argmax(-1) == pred["labels"])
+    true = mean[np.arange(len(mean)), pred["labels"]]
+    assert three["val_loss"] == pytest.approx(-np.mean(np.log(true)), rel=1e-6)
     # A reader that goes away (`evaluate.py ... | head`) stops it quietly, as a Unix tool.
     gone = subprocess.Popen([sys.executable, str(REPO / "scripts" / "evaluate.py"),
                              "--add_predictions", str(tmp_path / "p.npz")],
