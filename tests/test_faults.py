@@ -295,11 +295,16 @@ def test_workdir_mismatch_and_overwrite(reference, run_train, tmp_path):
     out = run_train(f"--workdir={workdir}", *TINY, *EPOCHS)
     assert out.returncode == 2 and "holds checkpoints of an unknown run" in out.stderr
 
-    out = run_train(f"--workdir={workdir}", *TINY, "--epochs=1", "--max_steps=2",
-                    "--overwrite")
+    # --overwrite starts afresh; checkpoints every 2 epochs, the last one kept plus the best.
+    out = run_train(f"--workdir={workdir}", *TINY, "--epochs=4", "--checkpoint_every=2",
+                    "--keep_checkpoints=1", "--overwrite")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resuming" not in out.stdout
-    assert [r["step"] for r in history(workdir)] == [2]
+    records = history(workdir)
+    assert [r["step"] for r in records] == [8, 16, 24, 32]
+    best = max((r for r in records if r["step"] in (16, 32)), key=lambda r: r["val_accuracy"])
+    kept = {int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
+    assert kept == {32, best["step"]}
 
 
 def test_divergence_stops_with_the_step(run_train, tmp_path):
