@@ -963,6 +963,15 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         checkpointer.close()
         writer.close()
         return last
+    except BaseException:
+        # Whatever stops the run (a closed output pipe, say) lets the checkpoint being written
+        # finish, rather than the interpreter's exit cut it off mid-write.
+        try:
+            checkpointer.wait()
+            checkpointer.close()
+        except Exception:  # noqa: BLE001 - the original failure is the one to report
+            pass
+        raise
     finally:
         # A failed run does not wait for a compilation nobody will use.
         compiler.shutdown(wait=False, cancel_futures=True)

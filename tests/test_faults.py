@@ -171,6 +171,18 @@ def test_resume_mid_epoch_and_mid_dispatch_is_bit_identical(run_train, tmp_path)
     chex.assert_trees_all_equal(state, ref_state)
 
 
+def test_a_closed_output_pipe_stops_quietly_and_keeps_the_checkpoint(fashion_mnist_dir,
+                                                                     tmp_path):
+    # `train.py ... | head -0`: the first epoch's line finds no reader. The run stops with
+    # status 141 and nothing on stderr, after the checkpoint being written is finished.
+    proc = popen_train(fashion_mnist_dir, tmp_path / "piped")
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 141
+    assert proc.stderr.read() == ""
+    kept = sorted(p.name for p in (tmp_path / "piped" / "checkpoints").iterdir())
+    assert kept == ["8"], kept  # whole: no half-written (tmp) checkpoint folder
+
+
 def test_each_epochs_checkpoint_holds_the_state_at_its_step(reference, run_train, tmp_path):
     # The trainer queues the next epoch's first steps (which take the state's buffers) before it
     # writes an epoch's checkpoint, from a copy: that copy must be the epoch's end, bit for bit.
