@@ -638,6 +638,8 @@ def end_to_end(config: Config) -> dict:
         "first_epoch_at_target": reached[0] if reached else None,
         "config": dataclasses.asdict(config), "device_kind": jax.devices()[0].device_kind,
         "devices": jax.device_count(), "jax_version": jax.__version__,
+        # SIGTERM/SIGINT stopped it before its last step: its times are not the run's.
+        "stopped": not last or bool(last.get("stopped")),
     }
 
 

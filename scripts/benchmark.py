@@ -252,6 +252,10 @@ def run_end_to_end(args: argparse.Namespace) -> int:
         # The trainer prints a line per epoch; with --json, stdout must hold only the JSON.
         with contextlib.redirect_stdout(out):
             result = benchmark.end_to_end(config)
+        if result["stopped"]:
+            print(f"{PROG}: stopped before the run's last step: no timing (an end-to-end run "
+                  "is timed whole, not resumed)", file=sys.stderr)
+            return 130
         print(f"{'epoch':>6}  {'train_loss':>10}  {'val_acc':>7}  {'img/s':>9}  {'wall_s':>7}",
               file=out)
         for r in result["epochs"]:

@@ -7,6 +7,7 @@ exists and is sane, and that bad flags are one line with exit status 2.
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,25 @@ def test_end_to_end_tiny_run(fashion_mnist_dir, tmp_path):
     # Running again on the same workdir would resume, not time a run: refused.
     again = _run("--end_to_end", "--workdir", str(tmp_path / "run"), timeout=120)
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+@pytest.mark.slow  # real data
+def test_end_to_end_stopped_by_a_signal_reports_no_timing(fashion_mnist_dir, tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--end_to_end", "--data_dir", str(fashion_mnist_dir),
+         "--workdir", str(tmp_path / "run"), "--epochs", "3", "--train_examples", "256",
+         "--batch_size", "32", "--image_size", "16", "--width", "4", "--stem", "small",
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while not (line := proc.stderr.readline()).startswith("epoch 1 "):  # (--json: on stderr)
+        assert line or proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert out == ""  # no JSON: a stopped run's times are not the run's
+    assert err.strip().splitlines()[-1] == (
+        "benchmark.py: stopped before the run's last step: no timing (an end-to-end run is "
+        "timed whole, not resumed)")
 
 
 def test_model_options_reach_the_benchmarked_model():
