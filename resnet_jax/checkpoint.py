@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import CHECKPOINT_SHAPE_MISMATCH, UserError
 
 FORMAT = "resnet_jax/1"
 
@@ -119,6 +119,11 @@ class Checkpointer:
                 jax.block_until_ready(tree)
             except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
                 reason = _reason(e)
+                if CHECKPOINT_SHAPE_MISMATCH in reason:  # not damaged: another model's
+                    raise UserError(
+                        f"the checkpoints in {self.directory} do not fit the model that "
+                        f"config.json describes ({reason.split('. ')[0]}): was it edited?"
+                    ) from None
                 errors.append(f"step {s}: {reason}")
                 damaged.append(s)
                 warnings.warn(f"skipping unreadable checkpoint {self.directory / str(s)}: "

@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from resnet_jax.errors import CHECKPOINT_SHAPE_MISMATCH
+
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 
@@ -53,7 +55,8 @@ def _hide_orbax_read_aftermath() -> None:
         message = record.getMessage()
         return not ("exception was never retrieved" in message
                     and ("Error reading" in message or "error while reading" in message
-                         or (error is not None and "reading" in str(error))))
+                         or (error is not None and ("reading" in str(error)
+                                                    or CHECKPOINT_SHAPE_MISMATCH in str(error)))))
 
     logging.getLogger("asyncio").addFilter(failed_read)
     warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never "

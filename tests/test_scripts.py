@@ -4,6 +4,7 @@ scripts/evaluate.py restores and reports."""
 import json
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 
@@ -141,6 +142,13 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert edited.returncode == 2 and "Traceback" not in edited.stderr
     assert edited.stderr.strip().splitlines()[-1].endswith(
         "edited/config.json: unknown --precision 'fp8'; valid: fp32, bf16")
+    # A valid config.json of another model: its checkpoints do not fit, one line (not one
+    # warning per checkpoint, as for damaged ones, nor asyncio's tracebacks).
+    shutil.copytree(workdir / "checkpoints", tmp_path / "edited" / "checkpoints")
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "width": 8}))
+    edited = evaluate_many("--workdir", str(tmp_path / "edited"))
+    assert edited.returncode == 2 and len(edited.stderr.strip().splitlines()) == 1, edited.stderr
+    assert "do not fit the model that config.json describes" in edited.stderr
 
 
 def test_compilation_cache_serves_a_second_run(run_train, tmp_path):
