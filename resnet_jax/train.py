@@ -653,6 +653,8 @@ def evaluate_ensemble(workdirs: list[str | Path], checkpoint: str = "latest",
     for path in saved:
         file = load_predictions(path)
         same_test_set(file["labels"], str(path))
+        if class_names and file["class_names"] != class_names:
+            raise UserError(f"{path} holds predictions over other classes than {source}'s")
         labels, class_names = file["labels"], class_names or file["class_names"]
         source = source or str(path)
         weight = len(file["members"])
@@ -674,11 +676,16 @@ def save_predictions(path: str | Path, result: dict) -> None:
     members to `path` (.npz, atomically): for analysis (which images fail, calibration), and to
     ensemble these models later without their checkpoints (`evaluate_ensemble(saved=...)`)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--save_predictions {path} is a folder; name a file")
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, probabilities=result["probabilities"], labels=result["labels"],
-                        class_names=np.asarray(result["class_names"]),
-                        members=np.asarray(json.dumps(result["members"])))
-    os.replace(tmp, path)
+    try:
+        np.savez_compressed(tmp, probabilities=result["probabilities"], labels=result["labels"],
+                            class_names=np.asarray(result["class_names"]),
+                            members=np.asarray(json.dumps(result["members"])))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (a full disk, say: no half-written file left behind)
 
 
 def load_predictions(path: str | Path) -> dict:
@@ -697,10 +704,18 @@ def load_predictions(path: str | Path) -> dict:
         raise UserError(f"{not_one} (no {e})") from None
     except (OSError, ValueError, EOFError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{not_one} ({type(e).__name__})") from None
-    probs, labels = out["probabilities"], out["labels"]
-    if (probs.ndim != 2 or labels.shape != probs.shape[:1] or not out["members"]
+    probs, labels, members = out["probabilities"], out["labels"], out["members"]
+    if (probs.ndim != 2 or labels.shape != probs.shape[:1] or not len(labels)
             or probs.shape[1] != len(out["class_names"])):
         raise UserError(f"{not_one} (inconsistent shapes)")
+    if not isinstance(members, list) or not members or not all(
+            isinstance(m, dict) for m in members):
+        raise UserError(f"{not_one} (its members are not a list of models)")
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise UserError(f"{not_one} (labels are not class indices)")
+    sums = probs.sum(-1)
+    if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(sums - 1).max() > 1e-3:
+        raise UserError(f"{not_one} (its rows are not probabilities)")
     return out
 
 

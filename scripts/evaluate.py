@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --workdir, --add_predictions, or both")
 
     def job():
+        from resnet_jax.errors import UserError
         from resnet_jax.train import (
             evaluate_checkpoint,
             evaluate_ensemble,
@@ -57,11 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             use_compilation_cache,
         )
 
+        for flag in ("save_predictions", "data_dir"):
+            if getattr(args, flag) == "":
+                raise UserError(f"--{flag} is empty")
         if args.save_predictions:  # before the evaluation, not after it
             from pathlib import Path
 
             from resnet_jax.cli import check_writable
 
+            if Path(args.save_predictions).is_dir():
+                raise UserError(f"--save_predictions {args.save_predictions} is a folder; name "
+                                "a file")
             check_writable(Path(args.save_predictions).parent, "--save_predictions")
         # As training does: on a GPU, members of one architecture compile their program once.
         use_compilation_cache("auto")

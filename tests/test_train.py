@@ -226,3 +226,37 @@ def test_eight_devices_match_one_device(precision):
                           precision], env=env, capture_output=True, text=True, timeout=600)
     assert "devices=8" in out.stdout.splitlines(), out.stdout
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+
+
+def test_prediction_files_are_checked_whole(tmp_path):
+    from resnet_jax.errors import UserError
+    from resnet_jax.train import load_predictions, save_predictions
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), 5).astype(np.float32)
+    good = {"probabilities": probs, "labels": np.array([0, 2, 1, 1, 0], np.int32),
+            "class_names": ["a", "b", "c"], "members": [{"workdir": "w", "step": 1}]}
+    save_predictions(tmp_path / "good.npz", good)
+    assert [p.name for p in tmp_path.iterdir()] == ["good.npz"]  # no temporary file left
+    loaded = load_predictions(tmp_path / "good.npz")
+    np.testing.assert_array_equal(loaded["probabilities"], probs)
+    assert loaded["class_names"] == good["class_names"] and loaded["members"] == good["members"]
+    for change, reason in (({"labels": np.array([0, 2, 1, 1, 3])}, "labels are not class"),
+                           ({"labels": np.zeros(5, np.float32)}, "labels are not class"),
+                           ({"probabilities": probs * np.nan}, "rows are not probabilities"),
+                           ({"probabilities": probs * 2}, "rows are not probabilities"),
+                           ({"probabilities": probs[:, :2]}, "inconsistent shapes"),
+                           ({"members": ["w"]}, "members are not a list of models"),
+                           ({"members": {"w": 1}}, "members are not a list of models")):
+        save_predictions(tmp_path / "bad.npz", {**good, **change})
+        with pytest.raises(UserError, match=f"is not a prediction file .*{reason}"):
+            load_predictions(tmp_path / "bad.npz")
+    with pytest.raises(UserError, match="is a folder; name a file"):
+        save_predictions(tmp_path, good)
+    # An ensemble of files over other classes (same labels): refused, not silently mixed.
+    from resnet_jax.train import evaluate_ensemble
+
+    save_predictions(tmp_path / "other.npz", {**good, "class_names": ["x", "y", "z"]})
+    with pytest.raises(UserError, match="other.npz holds predictions over other classes"):
+        evaluate_ensemble([], saved=[tmp_path / "good.npz", tmp_path / "other.npz"])
+
