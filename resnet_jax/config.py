@@ -155,6 +155,9 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def validate(config: Config) -> Config:
     """Checks what can be checked without JAX devices or data; raises UserError (one line)."""
     from resnet_jax import models  # Local: keeps `--help` fast.
@@ -166,6 +169,8 @@ def validate(config: Config) -> Config:
                  "label_smoothing", "random_erasing"):
         if not math.isfinite(getattr(config, name)):
             raise UserError(f"--{name} must be a finite number, got {getattr(config, name)}")
+        if abs(getattr(config, name)) > _FLOAT32_MAX:  # the programs compute in float32
+            raise UserError(f"--{name} {getattr(config, name)} is too large for float32")
     if config.arch not in models.list_models():
         raise UserError(f"unknown --arch {config.arch!r}; valid: {', '.join(models.list_models())}")
     from resnet_jax import data
@@ -203,11 +208,19 @@ def validate(config: Config) -> Config:
         raise UserError(f"--label_smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.warmup_epochs >= config.epochs and config.schedule == "cosine":
         raise UserError("--warmup_epochs must be smaller than --epochs for the cosine schedule")
+    if config.warmup_epochs > config.epochs:
+        raise UserError(f"--warmup_epochs {config.warmup_epochs} exceeds --epochs "
+                        f"{config.epochs}")
     return config
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump)."""
+    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump), and
+    no abbreviated flags (experiment.py's --seed would have meant --seeds)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")

@@ -433,6 +433,9 @@ def _train_main(argv, capsys):
     (["--eval_examples=10001"], "--eval_examples 10001 exceeds the 10000 examples of the split"),
     (["--schedule=cosine", "--epochs=1", "--warmup_epochs=0.9999", "--train_examples=1280"],
      "--warmup_epochs 0.9999 is 10 steps, the whole run of 10"),
+    (["--warmup_epochs=2e9"], "--warmup_epochs 2000000000.0 exceeds --epochs 10"),
+    (["--learning_rate=1e300"], "--learning_rate 1e+300 is too large for float32"),
+    (["--epoch=3"], "unrecognized arguments: --epoch=3"),  # no abbreviations
 ])
 def test_bad_flags_are_one_line_with_exit_2(args, message, capsys, tmp_path, fashion_mnist_dir):
     argv = [f"--workdir={tmp_path / 'w'}", f"--data_dir={fashion_mnist_dir}", *args]
