@@ -80,6 +80,10 @@ def check_writable(folder: str | Path, flag: str) -> None:
     path = Path(folder)
     if not str(folder):
         raise UserError(f"{flag} is empty; give a path")
+    try:
+        str(path.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # Orbax's TensorStore takes only UTF-8 paths: fail now, not later
+        raise UserError(f"{flag} {str(path.absolute())!a} is not a UTF-8 path") from None
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file, not a directory")
     try:
@@ -111,7 +115,7 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
             return EXIT_DIVERGED
         if _disk_full(e):
             print(f"{prog}: error: no space left on the disk ({_first_line(e)}); free some, or "
-                  "use another --workdir", file=sys.stderr)
+                  "write elsewhere", file=sys.stderr)
             sys.stdout.flush()
             sys.stderr.flush()
             # At once: the checkpoint and TensorBoard writers' exit handlers would fail again.
@@ -121,6 +125,10 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
             reason = " ".join(str(e).split())[:300]
             print(f"{prog}: error: out of device memory ({reason}); use a smaller --batch_size, "
                   "--image_size or model", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if isinstance(e, MemoryError):  # numpy on the host: sizes that ask for too much
+            print(f"{prog}: error: out of host memory ({_first_line(e)}); use smaller sizes",
+                  file=sys.stderr)
             return EXIT_USER_ERROR
         raise
 

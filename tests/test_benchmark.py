@@ -149,6 +149,14 @@ def test_bad_flags_are_one_line(args, expected):
     assert out.stdout == ""
 
 
+def test_sizes_beyond_host_memory_are_one_line():
+    out = _run("--steps", "1", "--repeats", "1", "--eval_examples", "64", "--image_size", "16",
+               "--width", "4", "--stem", "small", "--train_examples", "10000000000")
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("benchmark.py: error: out of host memory (Unable to allocate"), line
+
+
 @pytest.mark.slow  # real data: loads and evaluates all 10,000 Fashion-MNIST test images
 def test_end_to_end_tiny_run(fashion_mnist_dir, tmp_path):
     out = _run("--end_to_end", "--data_dir", str(fashion_mnist_dir), "--workdir",

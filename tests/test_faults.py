@@ -461,7 +461,9 @@ def test_bad_workdirs_are_one_line_with_exit_2(capsys, tmp_path, fashion_mnist_d
     a_file = tmp_path / "file"
     a_file.write_text("")
     for workdir, message in ((a_file, "is a file, not a directory"),
-                             (a_file / "sub", "is not writable")):
+                             (a_file / "sub", "is not writable"),
+                             # a name from bytes that are not UTF-8 (os.fsdecode's surrogates)
+                             (tmp_path / "w\udcff", "is not a UTF-8 path")):
         code, err = _train_main([f"--workdir={workdir}", f"--data_dir={fashion_mnist_dir}",
                                  *TINY], capsys)
         assert code == 2 and len(err) == 1 and message in err[0], err
