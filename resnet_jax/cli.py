@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from resnet_jax.errors import CHECKPOINT_SHAPE_MISMATCH
 
@@ -105,8 +107,8 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:  # before training installed its handler, or a second Ctrl-C
-        _exit_interrupted(prog)
+    except KeyboardInterrupt as e:  # before training installed its handler, or a second Ctrl-C
+        _exit_interrupted(prog, e)
     except Exception as e:
         from resnet_jax.train import DivergedError
 
@@ -151,25 +153,39 @@ def _first_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:200] or type(error).__name__
 
 
-def _exit_interrupted(prog: str) -> None:
-    print(f"{prog}: interrupted", file=sys.stderr)
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (whose own handler checkpoints): stops the script as Ctrl-C
+    does, with one line, instead of the silent default death."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _exit_interrupted(prog: str, error: BaseException | None = None) -> None:
+    terminated = isinstance(error, _Terminated)
+    print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     # At once, without the interpreter's teardown: a compilation may still be running on a
     # worker thread, and finalising Python under it can crash the process.
-    os._exit(130)
+    os._exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
 
 def main_guard(prog: str, main: Callable[[], int], fast_exit: bool = False) -> None:
-    """Runs a script's `main` (imports included) and exits with its status; Ctrl-C is one line.
+    """Runs a script's `main` (imports included) and exits with its status; Ctrl-C, and SIGTERM
+    outside training (which checkpoints instead), are one line and status 130 or 143.
 
     With `fast_exit`, a `main` that returned 0 must have written and closed everything it
     opened: the process then exits without the interpreter's teardown (see `exit_now`).
     """
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = main()
-    except KeyboardInterrupt:
-        _exit_interrupted(prog)
+    except KeyboardInterrupt as e:
+        _exit_interrupted(prog, e)
     except BrokenPipeError:
         # The reader of our output went away (`... | head`): stop quietly, as a Unix tool does.
         # Output still buffered would fail again at exit; it goes nowhere instead.

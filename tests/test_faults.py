@@ -476,6 +476,33 @@ def test_bad_workdirs_are_one_line_with_exit_2(capsys, tmp_path, fashion_mnist_d
     assert code == 2 and len(err) == 1 and "checkpoints of an unknown run" in err[0], err
 
 
+def test_a_second_signal_during_training_exits_at_once(fashion_mnist_dir, tmp_path):
+    proc = popen_train(fashion_mnist_dir, tmp_path / "twice")
+    while not (line := proc.stdout.readline()).startswith("epoch 1 "):
+        assert line or proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    while "send it again to exit at once" not in (line := proc.stderr.readline()):
+        assert line, proc.stderr.read()[-2000:]  # (two signals at once would be taken as one)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+
+
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_start_up_is_one_line(sig, status, word, fashion_mnist_dir, tmp_path):
+    # -X importtime shows when JAX is being imported: inside the script's guard, before
+    # training's own handler (which checkpoints) exists.
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(TRAIN),
+                             f"--workdir={tmp_path / 'w'}", f"--data_dir={fashion_mnist_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not re.search(r"\|\s+jax(\.|$)", line := proc.stderr.readline()):
+        assert line, proc.stderr.read()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"train.py: {word}" and out == ""
+
+
 def test_batch_not_divisible_by_devices_is_one_line(fashion_mnist_dir, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
