@@ -182,8 +182,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     import jax
 
     from resnet_jax import benchmark
+    from resnet_jax.errors import UserError
     from resnet_jax.train import make_mesh
 
+    for name in ("epochs", "data_dir", "workdir"):  # not ignored: a forgotten --end_to_end
+        if getattr(args, name) is not None:
+            raise UserError(f"--{name} applies to --end_to_end, not the synthetic benchmark")
     accelerator = jax.default_backend() != "cpu"
     d = _defaults(args, accelerator)
     common = {"image_size": d["image_size"], "steps": d["steps"], "repeats": d["repeats"],
@@ -272,7 +276,7 @@ def run_end_to_end(args: argparse.Namespace) -> int:
             print(json.dumps(result))
         return 0
 
-    if args.workdir:
+    if args.workdir is not None:  # (an empty one is an error, not a temporary folder)
         return run(args.workdir)
     with benchmark.temporary_workdir() as workdir:
         return run(workdir)

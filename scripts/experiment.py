@@ -34,15 +34,18 @@ def make_parser():
     parser = _OneLineParser(prog="experiment.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="the experiment (see --list), or all")
-    parser.add_argument("--preset", default="cpu", help="tiny (CI smoke), cpu or gpu")
+    parser.add_argument("--preset", default="cpu", help="tiny (CI smoke), cpu or gpu; default cpu")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train seeds 0 .. N-1 of every row (default 1); the report also "
                         "covers other seeds finished in --runs_dir")
     parser.add_argument("--rows", default="", help="comma-separated rows to train (default: all);"
                         " the report covers every finished row")
     parser.add_argument("--data_dir", default=None, help="as train.py's --data_dir")
-    parser.add_argument("--out", default="docs/experiments", help="where the reports go")
-    parser.add_argument("--runs_dir", default="runs/experiments", help="where the workdirs go")
+    parser.add_argument("--out", default="docs/experiments",
+                        help="where the reports go; default docs/experiments (of the current "
+                        "folder)")
+    parser.add_argument("--runs_dir", default="runs/experiments",
+                        help="where the workdirs go; default runs/experiments")
     parser.add_argument("--dry_run", action="store_true",
                         help="check every configuration and print it; train nothing")
     parser.add_argument("--report_only", action="store_true",
@@ -72,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--rows needs one experiment, not all")
         if args.data_dir is not None and not os.path.isdir(args.data_dir):
             raise UserError(f"--data_dir {args.data_dir} is not a folder")
+        if args.dry_run and args.report_only:
+            raise UserError("--dry_run and --report_only exclude each other")
+        if not args.runs_dir:
+            raise UserError("--runs_dir is empty; give a path")
         if not args.dry_run:  # fail now, not after hours of training
             check_writable(args.out, "--out")
+            if not args.report_only:
+                check_writable(args.runs_dir, "--runs_dir")
         status = 0
         for experiment in chosen:
             runs = ex.plan(experiment, preset, args.seeds, args.runs_dir, args.data_dir, rows)

@@ -140,6 +140,8 @@ def test_device_time_by_op_reads_a_gpu_trace(tmp_path):
     (["--end_to_end", "--profile", "p"], "--profile applies to the synthetic benchmark"),
     (["--profile", "/dev/null", "--width", "4", "--image_size", "16", "--stem", "small"],
      "--profile /dev/null is a file, not a directory"),
+    (["--epochs", "3"], "--epochs applies to --end_to_end, not the synthetic benchmark"),
+    (["--end_to_end", "--workdir="], "--workdir is empty; give a path"),
 ])
 def test_bad_flags_are_one_line(args, expected):
     out = _run(*args, timeout=120)

@@ -61,7 +61,12 @@ def test_cli_list_and_one_line_errors():
                           (["depth", "--rows=resnet18, resnet19"], "unknown row(s) resnet19"),
                           (["depth", "--seeds=0"], "--seeds must be positive"),
                           (["depth", "--dry_run", "--data_dir=/nonexistent"],
-                           "--data_dir /nonexistent is not a folder")):
+                           "--data_dir /nonexistent is not a folder"),
+                          (["depth", "--seed=3"], "unrecognized arguments: --seed=3"),
+                          (["depth", "--dry_run", "--report_only"], "exclude each other"),
+                          (["depth", "--runs_dir="], "--runs_dir is empty"),
+                          (["depth", "--runs_dir=/dev/null"],
+                           "--runs_dir /dev/null is a file, not a directory")):
         result = run_script(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
