@@ -246,11 +246,20 @@ def _typed(kind: type, name: str):
     return convert
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help says it already or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(prog: str | None = None, description: str | None = None,
                 exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """An argparse parser with one `--flag` per Config field, documented from the field."""
     parser = _OneLineParser(prog=prog, description=description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_DefaultsFormatter)
     hints = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
         if f.name in exclude:

@@ -138,11 +138,11 @@ def make_parser() -> argparse.ArgumentParser:
             ("epochs", "--end_to_end: epochs; default 10")):
         parser.add_argument(f"--{name}", type=_one(name), default=None, help=text)
     parser.add_argument("--stem", choices=STEMS, default="imagenet",
-                        help="imagenet: the chapter's 7x7/2 conv + max-pool; small: 3x3/1, no "
-                             "pool (Config.stem)")
+                        help="imagenet (default): the chapter's 7x7/2 conv + max-pool; small: "
+                             "3x3/1, no pool (Config.stem)")
     parser.add_argument("--grouped_conv", choices=GROUPED_CONVS, default="auto",
                         help="how grouped convs are computed (Config.grouped_conv): native, "
-                             "split (one conv per group), auto (split on a CPU)")
+                             "split (one conv per group), auto (default: split on a CPU)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing each combination, trace one more dispatch with "
                              "jax.profiler into DIR/<combination> and print where the device "
