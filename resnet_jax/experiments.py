@@ -311,8 +311,8 @@ def plan(experiment: Experiment, preset: str, seeds: int, runs_dir: str | Path,
          data_dir: str | None = None, rows: Sequence[str] | None = None) -> list[Run]:
     """The runs of ``experiment`` (all rows, or only ``rows``) for seeds 0 .. seeds - 1."""
     check_preset(preset)
-    if seeds <= 0:
-        raise UserError(f"--seeds must be positive, got {seeds}")
+    if not 0 < seeds <= 1000:
+        raise UserError(f"--seeds must be in 1 .. 1000, got {seeds}")
     names = [r.name for r in experiment.rows]
     if rows:
         unknown = [r for r in rows if r not in names]

@@ -729,6 +729,8 @@ def use_compilation_cache(setting: str) -> Path | None:
     if setting == "auto":
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         setting = str(Path(base) / "resnet_jax" / "xla")
+    else:  # a folder named by the user: one line now, not a warning per program later
+        check_writable(setting, "--compilation_cache")
     jax.config.update("jax_compilation_cache_dir", setting)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         # JAX caches only programs that took >= 1 s to compile; on an H200 the eval and

@@ -59,7 +59,7 @@ def test_cli_list_and_one_line_errors():
     for args, message in ((["nope"], "unknown experiment 'nope'"),
                           (["depth", "--preset=huge"], "unknown --preset 'huge'"),
                           (["depth", "--rows=resnet18, resnet19"], "unknown row(s) resnet19"),
-                          (["depth", "--seeds=0"], "--seeds must be positive"),
+                          (["depth", "--seeds=0"], "--seeds must be in 1 .. 1000, got 0"),
                           (["depth", "--dry_run", "--data_dir=/nonexistent"],
                            "--data_dir /nonexistent is not a folder"),
                           (["depth", "--seed=3"], "unrecognized arguments: --seed=3"),

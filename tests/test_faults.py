@@ -434,6 +434,7 @@ def _train_main(argv, capsys):
     (["--schedule=cosine", "--epochs=1", "--warmup_epochs=0.9999", "--train_examples=1280"],
      "--warmup_epochs 0.9999 is 10 steps, the whole run of 10"),
     (["--warmup_epochs=2e9"], "--warmup_epochs 2000000000.0 exceeds --epochs 10"),
+    (["--compilation_cache=/dev/null"], "--compilation_cache /dev/null is a file, not a dir"),
     (["--learning_rate=1e300"], "--learning_rate 1e+300 is too large for float32"),
     (["--epoch=3"], "unrecognized arguments: --epoch=3"),  # no abbreviations
 ])
