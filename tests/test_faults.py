@@ -437,6 +437,9 @@ def _train_main(argv, capsys):
     (["--compilation_cache=/dev/null"], "--compilation_cache /dev/null is a file, not a dir"),
     (["--learning_rate=1e300"], "--learning_rate 1e+300 is too large for float32"),
     (["--epoch=3"], "unrecognized arguments: --epoch=3"),  # no abbreviations
+    (["--image_size=20000", "--stem=small", "--width=4", "--batch_size=32",
+      "--train_examples=256", "--eval_examples=64", "--steps_per_dispatch=1"],
+     "out of device memory (RESOURCE_EXHAUSTED"),  # XLA could not allocate: not a bug
 ])
 def test_bad_flags_are_one_line_with_exit_2(args, message, capsys, tmp_path, fashion_mnist_dir):
     argv = [f"--workdir={tmp_path / 'w'}", f"--data_dir={fashion_mnist_dir}", *args]
