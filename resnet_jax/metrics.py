@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
-    """train loss, val loss and val accuracy by epoch on one axis, like the chapter's plot."""
+    """train and val loss and accuracy by epoch on one axis, like the chapter's plot."""
     # The object API, not pyplot: no global state, so this may run on a worker thread.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -38,6 +39,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
                        ("val_accuracy", ":")):
         ax.plot(epochs, [r[key] for r in history], style, marker=".", label=key)
     ax.set_xlabel("epoch")
+    ax.set_ylabel("loss, accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
     if title:
@@ -75,13 +77,19 @@ class MetricsWriter:
         self.title = title
         self.history: list[dict] = []
         self._tb = None
-        # Plotting takes a few hundred ms: off the training thread, one plot at a time.
+        self._purge_step = 0
+        # Plotting takes a few hundred ms: off the training thread, one plot at a time, and
+        # never waited for: records that arrive while a plot is drawn are drawn next.
         self._plotter = ThreadPoolExecutor(max_workers=1)
         self._plot = None
+        self._lock = threading.Lock()
+        self._drawn = 0  # records in the last curves.png
 
     def reset(self, history: list[dict]) -> None:
         """Starts from `history` (from the checkpoint being resumed), rewriting metrics.jsonl."""
         self.history = list(history)
+        # TensorBoard hides the events a killed or partial run logged after the kept history.
+        self._purge_step = self.history[-1]["step"] + 1 if self.history else 0
         if self.enabled:
             atomic_write(self.workdir / "metrics.jsonl",
                          "".join(json.dumps(r) + "\n" for r in self.history))
@@ -94,23 +102,41 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         if self._tb is None:
             # A resumed run logs the steps after its checkpoint again: purge_step hides the
-            # events a killed run had logged from there on, as metrics.jsonl is rewritten.
+            # events a killed run (or a --max_steps run's partial epoch) had logged from there
+            # on, as metrics.jsonl is rewritten.
             self._tb = _summary_writer_class()(str(self.workdir / "tensorboard"),
-                                               purge_step=record["step"])
+                                               purge_step=self._purge_step)
         for key, value in record.items():
             if (key not in ("epoch", "step") and isinstance(value, int | float)
                     and not isinstance(value, bool)):
                 self._tb.add_scalar(key, value, record["step"])
         self._tb.flush()
-        if self._plot is not None:
-            self._plot.result()  # Surfaces a failed plot; keeps plots in order.
-        self._plot = self._plotter.submit(plot_curves, list(self.history),
-                                          self.workdir / "curves.png", self.title)
+        with self._lock:
+            if self._plot is not None and self._plot.done():
+                self._plot.result()  # surfaces a failed plot
+                self._plot = None
+            if self._plot is None:
+                self._plot = self._plotter.submit(self._draw)
+
+    def _draw(self) -> None:
+        """Draws curves.png until it shows every record (more may arrive while it draws)."""
+        while True:
+            with self._lock:
+                history = list(self.history)
+                if len(history) == self._drawn:
+                    self._plot = None  # (this job: the next record starts another)
+                    return
+            plot_curves(history, self.workdir / "curves.png", self.title)
+            self._drawn = len(history)
 
     def close(self) -> None:
+        with self._lock:
+            plot = self._plot
+        if plot is not None:
+            plot.result()
         self._plotter.shutdown(wait=True)
-        if self._plot is not None:
-            self._plot.result()
+        if self.enabled and self.history and self._drawn != len(self.history):
+            plot_curves(list(self.history), self.workdir / "curves.png", self.title)
         if self._tb is not None:
             self._tb.close()
 
@@ -119,7 +145,8 @@ class Progress:
     """A tqdm bar with loss and img/s on a terminal; nothing per step otherwise."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
+        # (a terminal that cannot redraw a line, TERM=dumb, gets the plain lines)
+        self.enabled = enabled and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
         self.bar = None
         self._t0 = 0.0
         self._images = 0

@@ -40,7 +40,7 @@ from resnet_jax.cli import check_writable
 from resnet_jax.config import Config, from_saved, identity, identity_diff, validate
 from resnet_jax.errors import UserError
 from resnet_jax.metrics import MetricsWriter, Progress, atomic_write, format_record
-from resnet_jax.optimizer import create_optimizer
+from resnet_jax.optimizer import create_optimizer, learning_rate_schedule
 
 # Random streams, all derived from the seed alone (never from wall time or process history), so
 # that a resumed run draws exactly what an uninterrupted one would. The data order uses
@@ -883,6 +883,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             record = {"epoch": round(epoch + position / steps_per_epoch, 4), "step": step,
                       "train_loss": float(accum["loss_sum"]) / steps,
                       "train_accuracy": float(accum["accuracy_sum"]) / steps, **val,
+                      "learning_rate": epoch_lr(step),
                       "images_per_sec": images / train_time,
                       # Where the time went: waiting for compilation shows in the first
                       # epoch's wall_time (the eval program's in its eval_time).
@@ -896,6 +897,15 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             if is_main:
                 print(format_record(record), flush=True)
             return record, eval_end
+
+        schedule = learning_rate_schedule(config, steps_per_epoch)
+        host = jax.local_devices(backend="cpu")[0]
+
+        def epoch_lr(step: int) -> float:
+            """The learning rate of the epoch's last step, computed on the host's CPU device
+            (not queued on an accelerator behind the next epoch's steps)."""
+            with jax.default_device(host):
+                return float(schedule(step - 1))
 
         if step < total_steps:
             train_compiled.result()  # raises what compiling raised

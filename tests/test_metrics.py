@@ -85,7 +85,35 @@ def test_a_resumed_writer_purges_the_events_after_its_checkpoint(tmp_path):
     def starts(path):
         return [e.step for e in _events(path) if e.session_log.status == SessionLog.START]
 
-    assert starts(first) == [RECORDS[0]["step"]]
-    assert starts(second) == [RECORDS[1]["step"]]  # TensorBoard hides the first's from there
+    assert starts(first) == [0]  # a fresh run: whatever a failed one left is hidden
+    # TensorBoard hides the first's events after the kept history (its last record's step).
+    assert starts(second) == [RECORDS[0]["step"] + 1]
     tags = {v.tag for e in _events(second) for v in e.summary.value}
     assert "val_accuracy" in tags and "partial" not in tags
+
+
+def test_curves_show_every_record_once_closed(tmp_path):
+    # Records arrive faster than plots are drawn (write does not wait for a plot): each plot
+    # draws what has arrived, and closing draws the rest.
+    from resnet_jax.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path)
+    writer.reset([])
+    records = [{**RECORDS[0], "epoch": e, "step": 10 * e} for e in range(1, 7)]
+    for record in records:
+        writer.write(record)
+    writer.close()
+    assert writer._drawn == len(records)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
+
+
+def test_no_progress_bar_where_a_terminal_cannot_redraw(monkeypatch):
+    from resnet_jax.metrics import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # (a terminal, as far as it sees)
+    monkeypatch.setenv("TERM", "xterm")
+    assert Progress(enabled=True).enabled
+    monkeypatch.setenv("TERM", "dumb")
+    assert not Progress(enabled=True).enabled

@@ -29,8 +29,9 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert config["stem_conv"] == "auto" and config["resolved"]["stem_conv"] == "direct"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     keys = {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-            "images_per_sec", "train_time", "eval_time", "wall_time"}
+            "learning_rate", "images_per_sec", "train_time", "eval_time", "wall_time"}
     assert all(keys <= r.keys() for r in records)
+    assert all(r["learning_rate"] == pytest.approx(0.01) for r in records)  # the chapter's
     assert all(r["train_time"] + r["eval_time"] < r["wall_time"] for r in records)
     assert [r["step"] for r in records] == [8, 10]
     assert records[0]["val_count"] == 10_000  # every test image, exactly once
