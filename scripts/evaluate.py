@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint step {result['step']}: test accuracy "
                   f"{result['val_accuracy']:.4f}, loss {result['val_loss']:.4f} on "
                   f"{result['val_count']} images")
+        if args.checkpoint == "best":  # (training validates on the test split, as the chapter)
+            print("note: 'best' was chosen by accuracy on this test split, so its accuracy is "
+                  "an optimistic estimate")
         else:
             result = evaluate_ensemble(args.workdir, args.checkpoint, args.data_dir, args.flip,
                                        saved=args.add_predictions)
