@@ -826,7 +826,9 @@ def draw(plot: Plot, rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter
+
+    si = FuncFormatter(lambda v, _: _si(v))  # 4.8M, 1.2G: as the tables write them
 
     groups = list(dict.fromkeys(r["group"] for r in rows)) if plot.kind == "curves" else [""]
     nrows, ncols = (len(plot.panels), len(groups)) if plot.kind == "curves" else (
@@ -863,9 +865,13 @@ def draw(plot: Plot, rows: list[dict], path: Path, title: str) -> None:
             if len(metrics) > 1:
                 ax.legend(fontsize=8)
             if metrics[0] in ("flops", "images_per_sec", "params"):
-                ax.set_ylim(bottom=0)
+                ax.set_ylim(0, ax.get_ylim()[1] * 1.05)  # (the top marker whole)
+                ax.yaxis.set_major_formatter(si)
             if plot.log_x:
                 ax.set_xscale("log", base=2 if plot.x == "row" else 10)
+                if plot.x != "row":  # ticks at 1, 2 and 5 x 10^k: some inside any span
+                    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                    ax.xaxis.set_major_formatter(si)
                 ax.xaxis.set_minor_formatter(NullFormatter())
             if plot.x == "row":  # label the rows' own values (1, 2, 4, 8, 32), not powers
                 ax.set_xticks(sorted({_value(r, "row")[0] for r in rows}))
@@ -873,6 +879,8 @@ def draw(plot: Plot, rows: list[dict], path: Path, title: str) -> None:
         for ax in axes[p] if plot.kind == "curves" else [axes[0][p]]:
             ax.grid(alpha=0.3)
             ax.set_xlabel(x_label)
+    if plot.kind != "curves":
+        title += "\npoints: mean over seeds; bars: sample standard deviation"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name("." + path.name)
