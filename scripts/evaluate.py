@@ -79,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint step {result['step']}: test accuracy "
                   f"{result['val_accuracy']:.4f}, loss {result['val_loss']:.4f} on "
                   f"{result['val_count']} images")
-        if args.checkpoint == "best":  # (training validates on the test split, as the chapter)
-            print("note: 'best' was chosen by accuracy on this test split, so its accuracy is "
-                  "an optimistic estimate")
         else:
             result = evaluate_ensemble(args.workdir, args.checkpoint, args.data_dir, args.flip,
                                        saved=args.add_predictions)
@@ -97,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 save_predictions(args.save_predictions, result)
                 print(f"predictions of {len(result['members'])} model(s) written to "
                       f"{args.save_predictions}")
+        if args.checkpoint == "best" and args.workdir:  # (training validates on the test split)
+            print("note: 'best' was chosen by accuracy on this test split, so its accuracy is "
+                  "an optimistic estimate")
         print("confusion matrix (rows: true class, columns: predicted):")
         print(format_confusion(result["confusion"], result["class_names"]))
         return 0
