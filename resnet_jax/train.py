@@ -504,13 +504,16 @@ def _saved_config(workdir: str | Path) -> tuple[Path, dict]:
     return path, saved
 
 
-def load_config(workdir: str | Path) -> Config:
-    """The Config a workdir was trained with (from its config.json)."""
-    path, saved = _saved_config(workdir)
+def _config_of(path: Path, saved: dict) -> Config:
     try:
         return from_saved(saved)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+def load_config(workdir: str | Path) -> Config:
+    """The Config a workdir was trained with (from its config.json)."""
+    return _config_of(*_saved_config(workdir))
 
 
 def load_checkpoint(workdir: str | Path, checkpoint: str | int = "latest",
@@ -528,7 +531,7 @@ def load_checkpoint(workdir: str | Path, checkpoint: str | int = "latest",
     from resnet_jax.checkpoint import best_steps
 
     path, saved = _saved_config(workdir)
-    config = load_config(workdir)
+    config = _config_of(path, saved)
     spec = data_lib.get_spec(config.dataset)
     if steps_per_epoch is None:
         steps_per_epoch = (saved.get("resolved") or {}).get("steps_per_epoch")
@@ -677,7 +680,7 @@ def save_predictions(path: str | Path, result: dict) -> None:
     ensemble these models later without their checkpoints (`evaluate_ensemble(saved=...)`)."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"--save_predictions {path} is a folder; name a file")
+        raise UserError(f"{path} is a folder; name a file for the predictions")
     tmp = path.with_name(path.name + ".tmp.npz")
     try:
         np.savez_compressed(tmp, probabilities=result["probabilities"], labels=result["labels"],
