@@ -68,6 +68,15 @@ def _summary_writer_class() -> type:
     return SummaryWriter
 
 
+# TensorBoard groups tags by their prefix: train, val and time sections, not one long list.
+TENSORBOARD_TAGS = {
+    "train_loss": "train/loss", "train_accuracy": "train/accuracy",
+    "learning_rate": "train/learning_rate", "images_per_sec": "train/images_per_sec",
+    "val_loss": "val/loss", "val_accuracy": "val/accuracy", "val_count": "val/count",
+    "train_time": "time/train", "eval_time": "time/eval", "wall_time": "time/wall",
+}
+
+
 class MetricsWriter:
     """Writes each epoch's record to metrics.jsonl, TensorBoard and curves.png."""
 
@@ -109,7 +118,7 @@ class MetricsWriter:
         for key, value in record.items():
             if (key not in ("epoch", "step") and isinstance(value, int | float)
                     and not isinstance(value, bool)):
-                self._tb.add_scalar(key, value, record["step"])
+                self._tb.add_scalar(TENSORBOARD_TAGS.get(key, key), value, record["step"])
         self._tb.flush()
         with self._lock:
             if self._plot is not None and self._plot.done():

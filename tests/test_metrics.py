@@ -6,6 +6,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from conftest import REPO
 
 RECORDS = [{"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "train_accuracy": 0.5,
@@ -44,7 +45,12 @@ def test_writer_leaves_metrics_events_and_plot_without_importing_torch(tmp_path)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == RECORDS
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(events) == 1 and b"val_accuracy" in events[0].read_bytes()
+    assert len(events) == 1
+    scalars = {(e.step, v.tag): v.simple_value for e in _events(events[0]) for v in e.summary.value}
+    # Grouped by prefix, one value per record and tag; epoch and step are the x axis, not tags.
+    assert scalars == {(r["step"], f"{split}/{name}"): pytest.approx(r[f"{split}_{name}"])
+                       for r in RECORDS for split in ("train", "val")
+                       for name in ("loss", "accuracy")}
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -89,7 +95,7 @@ def test_a_resumed_writer_purges_the_events_after_its_checkpoint(tmp_path):
     # TensorBoard hides the first's events after the kept history (its last record's step).
     assert starts(second) == [RECORDS[0]["step"] + 1]
     tags = {v.tag for e in _events(second) for v in e.summary.value}
-    assert "val_accuracy" in tags and "partial" not in tags
+    assert "val/accuracy" in tags and "partial" not in tags
 
 
 def test_curves_show_every_record_once_closed(tmp_path):
