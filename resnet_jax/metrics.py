@@ -179,9 +179,10 @@ class Progress:
             self.bar = None
 
 
-def format_record(record: dict) -> str:
-    """The plain line printed per epoch."""
-    return (f"epoch {record['epoch']:g} step {record['step']}: "
+def format_record(record: dict, epochs: int | None = None) -> str:
+    """The plain line printed per epoch (`epochs`: the run's total, shown as "epoch 3/10")."""
+    of = f"/{epochs}" if epochs is not None else ""
+    return (f"epoch {record['epoch']:g}{of} step {record['step']}: "
             f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
             f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} | "
             f"{record['images_per_sec']:,.0f} img/s | {record['wall_time']:.1f} s")

@@ -898,7 +898,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
                 save(step, record, tree)
             writer.write(record)
             if is_main:
-                print(format_record(record), flush=True)
+                print(format_record(record, config.epochs), flush=True)
             return record, eval_end
 
         schedule = learning_rate_schedule(config, steps_per_epoch)

@@ -183,7 +183,7 @@ def test_end_to_end_stopped_by_a_signal_reports_no_timing(fashion_mnist_dir, tmp
          "--workdir", str(tmp_path / "run"), "--epochs", "3", "--train_examples", "256",
          "--batch_size", "32", "--image_size", "16", "--width", "4", "--stem", "small",
          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    while not (line := proc.stderr.readline()).startswith("epoch 1 "):  # (--json: on stderr)
+    while not (line := proc.stderr.readline()).startswith("epoch 1/"):  # (--json: on stderr)
         assert line or proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)

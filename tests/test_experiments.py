@@ -207,7 +207,7 @@ def test_identical_runs_are_shared_between_experiments(tmp_path):
     result = run_script("preact", "--preset=tiny", "--report_only", f"--runs_dir={runs_dir}",
                         f"--out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "train " not in result.stdout and "epoch 1 step" not in result.stdout
+    assert "train " not in result.stdout and "epoch 1/" not in result.stdout
     table = (out / "preact" / "tiny" / "table.md").read_text()
     assert "| resnet18 | arch=resnet18 |" in table and "| preact_resnet18 | not run |" in table
     assert "reported in each): resnet18 (seed 0: depth/tiny)." in table
@@ -280,7 +280,7 @@ def test_every_experiment_tiny_end_to_end_then_skipped(fashion_mnist_dir, tmp_pa
     assert "skip plain18-seed0: finished at step 16" in second.stdout
     assert "skip resnet18-seed0: finished at step 16" in second.stdout
     assert "degradation: trained 0, shared 0, skipped 2" in second.stdout
-    assert "train " not in second.stdout and "epoch 1 step" not in second.stdout
+    assert "train " not in second.stdout and "epoch 1/" not in second.stdout
     assert {p: p.stat().st_mtime_ns for p in runs_dir.rglob("*")} == before
 
     # More epochs for the same runs: no longer finished, so a run would resume them.

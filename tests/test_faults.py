@@ -131,7 +131,7 @@ def test_sigterm_checkpoints_and_resumes(reference, fashion_mnist_dir, tmp_path)
     proc = popen_train(fashion_mnist_dir, workdir)
     # Wait until training is under way (the first epoch's line), then ask it to stop.
     line = ""
-    while "epoch 1 " not in line:
+    while "epoch 1/" not in line:
         line = proc.stdout.readline()
         assert line or proc.poll() is None, proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGTERM)
@@ -482,7 +482,7 @@ def test_bad_workdirs_are_one_line_with_exit_2(capsys, tmp_path, fashion_mnist_d
 
 def test_a_second_signal_during_training_exits_at_once(fashion_mnist_dir, tmp_path):
     proc = popen_train(fashion_mnist_dir, tmp_path / "twice")
-    while not (line := proc.stdout.readline()).startswith("epoch 1 "):
+    while not (line := proc.stdout.readline()).startswith("epoch 1/"):
         assert line or proc.poll() is None, proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGTERM)
     while "send it again to exit at once" not in (line := proc.stderr.readline()):

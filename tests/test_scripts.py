@@ -34,6 +34,10 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert all(r["learning_rate"] == pytest.approx(0.01) for r in records)  # the chapter's
     assert all(r["train_time"] + r["eval_time"] < r["wall_time"] for r in records)
     assert [r["step"] for r in records] == [8, 10]
+    # Without a terminal, a line per epoch that says how far the run has come.
+    epoch_lines = [line for line in first.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/3 step 8",
+                                                          "epoch 1.25/3 step 10"]
     assert records[0]["val_count"] == 10_000  # every test image, exactly once
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
