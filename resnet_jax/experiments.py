@@ -68,7 +68,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Longer training for the recipe comparison (the GPU target is >= 0.950 test accuracy).
-_LONG = {"tiny": {"epochs": 8}, "cpu": {"epochs": 16}, "gpu": {"epochs": 40}}
+_LONG = {"tiny": {"epochs": 8}, "cpu": {"epochs": 16}, "gpu": {"epochs": 50}}
+# On the gpu preset the improved rows are the README's recipe command, which reached 0.9508 and
+# 0.9526 on an H200: Nesterov momentum, 2 warm-up epochs, bf16 (the chapter's rows stay fp32).
+_IMPROVED_LONG = {**_LONG, "gpu": {**_LONG["gpu"], "optimizer": "nesterov",
+                                   "warmup_epochs": 2.0, "precision": "bf16"}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,13 +242,15 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "chapter: the chapter's recipe (SGD, lr 0.01, constant) for the preset's epochs; "
         "chapter-long: the same recipe for as many epochs as improved; improved: random crop + "
         "flip, momentum 0.9, lr 0.1 with 1 warm-up epoch then cosine decay, label smoothing 0.1, "
-        "weight decay 5e-4 (gpu: 40 epochs, target >= 0.950 test accuracy); improved+erasing: "
+        "weight decay 5e-4 (gpu: 50 epochs, with Nesterov momentum, 2 warm-up epochs and bf16 as "
+        "the README's recipe command; target >= 0.950 test accuracy); improved+erasing: "
         "the same plus random erasing (Zhong et al.) with probability 0.5. Training loss is "
         "not comparable across recipes (label smoothing), so the plot shows validation metrics.",
         (Row("chapter", CHAPTER_RECIPE),
          Row("chapter-long", CHAPTER_RECIPE, per_preset=_LONG),
-         Row("improved", IMPROVED_RECIPE, per_preset=_LONG),
-         Row("improved+erasing", {**IMPROVED_RECIPE, "random_erasing": 0.5}, per_preset=_LONG)),
+         Row("improved", IMPROVED_RECIPE, per_preset=_IMPROVED_LONG),
+         Row("improved+erasing", {**IMPROVED_RECIPE, "random_erasing": 0.5},
+             per_preset=_IMPROVED_LONG)),
         (Plot("curves", "curves.png", (("val_accuracy",), ("val_loss",))),),
         recipe={"arch": "resnet18"},
     ),

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from conftest import REPO
 
 from resnet_jax import experiments as ex
-from resnet_jax.config import Config
+from resnet_jax.config import Config, parse_config
 from resnet_jax.errors import UserError
 
 SCRIPT = REPO / "scripts" / "experiment.py"
@@ -37,6 +38,19 @@ def test_every_configuration_validates(preset, tmp_path):
             ex.check_model(run.settings)  # builds, and the input size suits it
             config = run.config()  # validates
             assert (config.seed, config.workdir) == (run.seed, str(run.workdir))
+
+
+def test_the_gpu_recipe_row_is_the_readmes_recipe_command(tmp_path):
+    # The row that reports on the 0.950 target trains what the README's results table ran.
+    row = next(line for line in (REPO / "README.md").read_text().splitlines()
+               if line.startswith("| a better recipe"))
+    command = shlex.split(re.search(r"`(python scripts/train.py [^`]+)`", row)[1])
+    from_readme = parse_config(command[2:])
+    [run] = [r for r in ex.plan(ex.get_experiment("recipe"), "gpu", 1, tmp_path)
+             if r.row.name == "improved+erasing"]
+    ignored = {"workdir": None, "data_dir": None}
+    assert dataclasses.replace(run.config(), **ignored) == dataclasses.replace(from_readme,
+                                                                                **ignored)
 
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
