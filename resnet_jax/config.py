@@ -247,10 +247,12 @@ def _typed(kind: type, name: str):
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default after its help, unless the help says it already or there is none."""
+    """Each flag's default after its help, unless the help says it already or there is none
+    (None, an empty list, or a switch that takes no value)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "default" in (action.help or ""):
+        if (action.default is None or action.default == [] or action.nargs == 0
+                or "default" in (action.help or "")):
             return action.help
         return super()._get_help_string(action)
 

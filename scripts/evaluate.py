@@ -5,7 +5,6 @@ their predicted probabilities), and --flip adds test-time augmentation (each ima
 mirror image). --save_predictions writes the per-image probabilities; --add_predictions puts
 saved ones into the ensemble, so models trained elsewhere, whose checkpoints are gone, count."""
 
-import argparse
 import os
 import sys
 
@@ -26,10 +25,10 @@ def format_confusion(confusion, class_names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet_jax.config import _OneLineParser
+    from resnet_jax.config import _DefaultsFormatter, _OneLineParser
 
     parser = _OneLineParser(prog="evaluate.py", description=__doc__,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_DefaultsFormatter)
     parser.add_argument("--workdir", nargs="+", default=[],
                         help="a workdir written by train.py; several: evaluate their ensemble "
                              "(the mean of the models' class probabilities)")

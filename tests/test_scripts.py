@@ -196,3 +196,16 @@ def test_train_under_a_profiler_still_writes_its_profile(fashion_mnist_dir, tmp_
     assert "done: step 2" in out.stdout
     functions = {name for _, _, name in pstats.Stats(str(tmp_path / "train.prof")).stats}
     assert "train_and_evaluate" in functions
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "benchmark.py", "experiment.py"])
+def test_help_shows_only_defaults_that_say_something(script):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+    text = " ".join(out.stdout.split())
+    assert "options:" in text
+    # (train.py's BOOL flags take a value, --augment=false, so there "default: False" is said)
+    noises = ["(default: None)", "(default: [])"] + ["(default: False)"] * (script != "train.py")
+    for noise in noises:
+        assert noise not in text, (script, noise)
