@@ -461,6 +461,11 @@ class ResNet(nn.Module):
         shortcut: False removes every shortcut (the "plain" nets of the degradation experiment).
         variant, zero_init_residual, bn_momentum, bn_epsilon, dtype, param_dtype: see the module
             docstring and the blocks. ``bn_momentum`` is flax's (0.9 = PyTorch's 0.1).
+
+    Called as ``model.apply(variables, x, train=...)`` on float images ``x`` of shape (N, H, W, C)
+    scaled to [0, 1] (``data.preprocess`` makes them from uint8); ``train=True`` uses and updates
+    the batch statistics (pass ``mutable=["batch_stats"]``). ``train`` is a Python bool: under
+    ``jax.jit`` make it static (``static_argnames="train"``).
     """
 
     arch: Arch
@@ -517,6 +522,14 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        # Shapes and dtypes are static: these mistakes fail at trace time, by name, instead of
+        # as a kernel-shape mismatch deep in the stem or head (or, for uint8, not at all).
+        if x.ndim != 4:
+            raise ValueError(f"ResNet takes a batch of NHWC images (N, H, W, C); got shape "
+                             f"{tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"ResNet takes float images scaled to [0, 1]; got {x.dtype} (uint8 "
+                            f"pixels: use resnet_jax.data.preprocess)")
         block_cls = _BLOCK_CLASSES[self.block]
         common: dict[str, Any] = dict(
             shortcut=self.shortcut, variant=self.variant,

@@ -671,6 +671,19 @@ def test_bad_names_and_options_raise_value_error(name, options, match):
     assert "\n" not in str(info.value)
 
 
+def test_wrong_input_is_named_at_trace_time():
+    # uint8 pixels would otherwise run (logits of 0-255 input, no error); an image without its
+    # batch axis would fail as a kernel-shape mismatch of the head.
+    model = models.create_model("resnet18", width=4, stem="small")
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                                                  train=False))
+    with pytest.raises(TypeError, match=r"float images scaled to \[0, 1\]; got uint8"):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 8, 8, 1), jnp.uint8),
+                                             train=False), variables)
+    with pytest.raises(ValueError, match=r"NHWC images \(N, H, W, C\); got shape \(8, 8, 1\)"):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((8, 8, 1)), train=False), variables)
+
+
 def test_resnext_hyperparameters_override():
     model = models.create_model("resnext50_32x4d", cardinality=8, base_width=14, width=64)
     params = models.abstract_variables(model, (1, 32, 32, 3))["params"]
