@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,48 @@ def _read_only_notes(record: logging.LogRecord) -> bool:
                 or message.startswith("Given directory is read only"))
 
 
+_QUIET_READS = False
+
+
+def _hide_failed_read_aftermath() -> None:
+    """Hides the noise a failed checkpoint read leaves behind, and only that (installed once).
+
+    When one array of a damaged checkpoint cannot be read, Orbax gives up and closes its event
+    loop while TensorStore still completes the other reads: each completion then fails with
+    "Event loop is closed" and each abandoned read is reported (as an "unraisable" exception,
+    or by asyncio's logger as "exception was never retrieved"), thousands of lines in all. The
+    failure itself is already reported in one line (the checkpoint is skipped, or named in the
+    error).
+    """
+    global _QUIET_READS
+    if _QUIET_READS:
+        return
+    _QUIET_READS = True
+    unraisablehook = sys.unraisablehook
+
+    def failed_read(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        return not ("exception was never retrieved" in message
+                    and ("Error reading" in message or "error while reading" in message
+                         or (error is not None and ("reading" in str(error)
+                                                    or CHECKPOINT_SHAPE_MISMATCH in str(error)))))
+
+    logging.getLogger("asyncio").addFilter(failed_read)
+    warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never "
+                            "awaited", RuntimeWarning)
+
+    def quiet_unraisablehook(unraisable):
+        value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        if code is not None and "orbax" in code.co_filename and "read" in code.co_name:
+            return
+        unraisablehook(unraisable)
+
+    sys.unraisablehook = quiet_unraisablehook
+
+
 def _policy(keep: int) -> pp.PreservationPolicy:
     return pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
@@ -54,6 +97,7 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
+        _hide_failed_read_aftermath()
         absl_log = logging.getLogger("absl")
         absl_log.addFilter(_read_only_notes)  # (Orbax's notes that read-only is read-only)
         try:
@@ -67,10 +111,21 @@ class Checkpointer:
                 read_only=read_only,
             )
             self.manager = ocp.CheckpointManager(self.directory, options=options)
+            # Orbax removes the tmp folders on a thread it awaits only at the first save: a
+            # process that only reads, then exits without close(), had that thread fail at
+            # shutdown with a traceback. Waiting here costs one directory listing.
+            getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         finally:
             absl_log.removeFilter(_read_only_notes)
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def steps(self) -> list[int]:
+        """The steps of the checkpoints on disk, oldest first."""
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, tree: Any, meta: dict, metrics: dict | None = None) -> None:
@@ -84,12 +139,15 @@ class Checkpointer:
         )
 
     def wait(self) -> None:
+        """Blocks until the saves started so far are written."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and stops Orbax's background threads (or use `with`)."""
         self.manager.close()
 
     def read_meta(self, step: int) -> dict:
+        """The JSON `meta` item of checkpoint `step`; ValueError if it is not this project's."""
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta["meta"]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -121,8 +179,9 @@ class Checkpointer:
                 reason = _reason(e)
                 if CHECKPOINT_SHAPE_MISMATCH in reason:  # not damaged: another model's
                     raise UserError(
-                        f"the checkpoints in {self.directory} do not fit the model that "
-                        f"config.json describes ({reason.split('. ')[0]}): was it edited?"
+                        f"the checkpoints in {self.directory} do not fit the state restored "
+                        f"into them ({reason.split('. ')[0]}): another model's checkpoints, "
+                        f"or an edited config.json?"
                     ) from None
                 errors.append(f"step {s}: {reason}")
                 damaged.append(s)

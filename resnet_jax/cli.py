@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from resnet_jax.errors import CHECKPOINT_SHAPE_MISMATCH
-
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 
@@ -33,46 +31,10 @@ def quiet_logs() -> None:
     # A warning is one line for people, not the source line that raised it.
     warnings.formatwarning = lambda message, category, *_, **__: (
         f"warning: {message} ({category.__name__})\n")
-    _hide_orbax_read_aftermath()
     # A full disk: Orbax's writer threads log it with their tracebacks; run_main says it once.
     logging.getLogger("absl").addFilter(lambda record: not (
         _NO_SPACE in record.getMessage()
         or (record.exc_info and record.exc_info[1] and _disk_full(record.exc_info[1]))))
-
-
-def _hide_orbax_read_aftermath() -> None:
-    """Hides the noise a failed checkpoint read leaves behind, and only that.
-
-    When one array of a damaged checkpoint cannot be read, Orbax gives up and closes its event
-    loop while TensorStore still completes the other reads: each completion then fails with
-    "Event loop is closed" and each abandoned read is reported (as an "unraisable" exception,
-    or by asyncio's logger as "exception was never retrieved"), thousands of lines in all. The
-    failure itself is already reported in one line (the checkpoint is skipped, or named in the
-    error).
-    """
-    unraisablehook = sys.unraisablehook
-
-    def failed_read(record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        message = record.getMessage()
-        return not ("exception was never retrieved" in message
-                    and ("Error reading" in message or "error while reading" in message
-                         or (error is not None and ("reading" in str(error)
-                                                    or CHECKPOINT_SHAPE_MISMATCH in str(error)))))
-
-    logging.getLogger("asyncio").addFilter(failed_read)
-    warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never "
-                            "awaited", RuntimeWarning)
-
-    def quiet_unraisablehook(unraisable):
-        value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        if code is not None and "orbax" in code.co_filename and "read" in code.co_name:
-            return
-        unraisablehook(unraisable)
-
-    sys.unraisablehook = quiet_unraisablehook
 
 
 def check_writable(folder: str | Path, flag: str) -> None:

@@ -154,7 +154,7 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "width": 8}))
     edited = evaluate_many("--workdir", str(tmp_path / "edited"))
     assert edited.returncode == 2 and len(edited.stderr.strip().splitlines()) == 1, edited.stderr
-    assert "do not fit the model that config.json describes" in edited.stderr
+    assert "do not fit the state restored into them" in edited.stderr
 
 
 def test_compilation_cache_serves_a_second_run(run_train, tmp_path):
