@@ -609,7 +609,8 @@ def epoch_permutation(seed: int, epoch: int | jax.Array, num_examples: int) -> j
     return jax.random.permutation(key, num_examples)
 
 
-def preprocess(images_u8: jax.Array, image_size: int, dtype=jnp.float32) -> jax.Array:
+def preprocess(images_u8: jax.Array, image_size: int,
+               dtype: jnp.dtype | type = jnp.float32) -> jax.Array:
     """uint8 [B, H, W, C] -> `dtype` [B, image_size, image_size, C] in [0, 1].
 
     Like D2L's `Resize(image_size)` + `ToTensor()`: bilinear with antialiasing, no mean/std

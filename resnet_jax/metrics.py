@@ -104,6 +104,8 @@ class MetricsWriter:
                          "".join(json.dumps(r) + "\n" for r in self.history))
 
     def write(self, record: dict) -> None:
+        """Appends `record` (one epoch's metrics, with `step`) to every output; the plot is
+        redrawn on a worker thread."""
         self.history.append(record)
         if not self.enabled:
             return
@@ -139,6 +141,7 @@ class MetricsWriter:
             self._drawn = len(history)
 
     def close(self) -> None:
+        """Finishes the plot (it then shows every record) and closes TensorBoard's file."""
         with self._lock:
             plot = self._plot
         if plot is not None:
@@ -161,12 +164,14 @@ class Progress:
         self._images = 0
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
+        """A bar for 0-based `epoch` of `total` steps, `done` of them already (a resumed one)."""
         if self.enabled:
             self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
                             unit="step", leave=False, dynamic_ncols=True)
         self._t0, self._images = time.perf_counter(), 0
 
     def update(self, steps: int, images: int, loss: float) -> None:
+        """Advances by `steps` steps of `images` images in all; shows `loss` and img/s."""
         self._images += images
         if self.bar is not None:
             rate = self._images / max(time.perf_counter() - self._t0, 1e-9)
@@ -174,6 +179,7 @@ class Progress:
             self.bar.update(steps)
 
     def end_epoch(self) -> None:
+        """Removes the bar (the epoch's plain line follows it)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

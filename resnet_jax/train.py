@@ -73,9 +73,13 @@ class TrainState(struct.PyTreeNode):
                 "opt_state": self.opt_state}
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       input_shape: tuple[int, ...]) -> TrainState:
-    """Initialises the model on a dummy NHWC batch of `input_shape` and the optimizer state."""
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       rng: jax.Array | int, input_shape: tuple[int, ...]) -> TrainState:
+    """Initialises the model on a dummy NHWC batch of `input_shape` and the optimizer state.
+
+    `rng` is a PRNG key or an int seed."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
     variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -87,6 +91,8 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
                        label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy, in float32 whatever the compute dtype.
 
+    `labels` are int class indices in [0, num_classes): under jit they cannot be checked, and
+    one out of range has an all-zero target (a loss of 0 without label smoothing).
     `label_smoothing` may be traced (e.g. an argument of a jitted `train_step`).
     """
     targets = jax.nn.one_hot(labels, logits.shape[-1])
@@ -98,7 +104,10 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
 
 def train_step(state: TrainState, batch: dict, *, label_smoothing: float = 0.0
                ) -> tuple[TrainState, dict]:
-    """One SGD step on `batch` ({"image": NHWC float, "label": int}); returns batch-mean metrics."""
+    """One optimizer step (`state.tx`) on `batch`; returns batch-mean `loss` and `accuracy`.
+
+    `batch` is {"image": float NHWC in [0, 1], "label": int class indices}; see
+    `cross_entropy_loss` for the labels' range."""
 
     def loss_fn(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
@@ -169,6 +178,7 @@ def _host_data(dataset: data_lib.Dataset) -> DeviceData:
 
 
 def put_dataset(dataset: data_lib.Dataset, mesh: Mesh) -> DeviceData:
+    """The dataset's arrays as a DeviceData replicated over `mesh` (the loops gather from it)."""
     return replicate(_host_data(dataset), mesh)
 
 
@@ -182,6 +192,8 @@ def empty_accum() -> dict:
 
 
 def augment_key(seed: int | jax.Array, step: jax.Array) -> jax.Array:
+    """The augmentation key of train step `step`: a function of (seed, step) alone, so a
+    resumed run augments exactly as an uninterrupted one."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _AUGMENT_STREAM), step)
 
 
@@ -323,6 +335,7 @@ def make_predict_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32,
 
 
 def summarize_eval(sums: dict) -> dict:
+    """`eval_step`'s sums over the test set -> `val_loss`, `val_accuracy`, `val_count`."""
     count = float(sums["count"])
     return {"val_loss": float(sums["loss_sum"]) / count,
             "val_accuracy": float(sums["correct"]) / count, "val_count": int(count)}
@@ -333,6 +346,7 @@ def summarize_eval(sums: dict) -> dict:
 
 
 def compute_dtype(config: Config) -> Any:
+    """The activations' dtype for `config.precision` (parameters stay float32)."""
     return jnp.bfloat16 if config.precision == "bf16" else jnp.float32
 
 
