@@ -9,6 +9,7 @@ checkpoint written on 2 processes x 2 devices restores on 1 device and back) and
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import warnings
@@ -21,9 +22,14 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from resnet_jax.errors import CHECKPOINT_SHAPE_MISMATCH, UserError
+from resnet_jax.errors import UserError
 
 FORMAT = "resnet_jax/1"
+# Orbax's words when a checkpoint holds another model's arrays: other shapes, or another tree
+# (a restored path missing from the checkpoint, or the reverse).
+_SHAPE_MISMATCH = "is not compatible with the stored shape"
+_MISSING_PATH = "Structure mismatch: Target path "
+_TREE_MISMATCH = "tree structures do not match"
 
 
 @dataclass
@@ -64,7 +70,7 @@ def _hide_failed_read_aftermath() -> None:
         return not ("exception was never retrieved" in message
                     and ("Error reading" in message or "error while reading" in message
                          or (error is not None and ("reading" in str(error)
-                                                    or CHECKPOINT_SHAPE_MISMATCH in str(error)))))
+                                                    or _SHAPE_MISMATCH in str(error)))))
 
     logging.getLogger("asyncio").addFilter(failed_read)
     warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never "
@@ -177,11 +183,12 @@ class Checkpointer:
                 jax.block_until_ready(tree)
             except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
                 reason = _reason(e)
-                if CHECKPOINT_SHAPE_MISMATCH in reason:  # not damaged: another model's
+                mismatch = _mismatch(str(e))
+                if mismatch:  # not damaged: another model's
                     raise UserError(
                         f"the checkpoints in {self.directory} do not fit the state restored "
-                        f"into them ({reason.split('. ')[0]}): another model's checkpoints, "
-                        f"or an edited config.json?"
+                        f"into them ({mismatch}): another model's checkpoints, or an edited "
+                        f"config.json?"
                     ) from None
                 errors.append(f"step {s}: {reason}")
                 damaged.append(s)
@@ -219,8 +226,30 @@ def _reason(error: BaseException) -> str:
     TensorStore spec dump Orbax appends."""
     text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
     if error.__cause__ is not None:
-        text += f" ({' '.join(str(error.__cause__).split())[:200]})"
-    return text[:400] or type(error).__name__
+        text += f" ({_clip(' '.join(str(error.__cause__).split()), 200)})"
+    return _clip(text, 400) or type(error).__name__
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word's end, marked with "..."."""
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3].rsplit(" ", 1)[0] + "..."
+
+
+def _mismatch(message: str) -> str | None:
+    """What differs, in a few words, if Orbax's `message` says the checkpoint holds another
+    model's arrays; None for any other failure."""
+    message = " ".join(message.split())
+    if _SHAPE_MISMATCH in message:
+        return _clip(message.split(". ")[0], 200)
+    if _MISSING_PATH in message:  # "... Target path ('state', 'fc') not found in ..."
+        path = message.split(_MISSING_PATH, 1)[1].split(" not found", 1)[0]
+        return _clip("the checkpoint has no " + ".".join(re.findall(r"'([^']*)'", path)), 200)
+    if _TREE_MISMATCH in message:  # "... do not match: state.layer1: - Source: ..."
+        path = message.split(_TREE_MISMATCH, 1)[1].lstrip(": ").split(":", 1)[0]
+        return _clip(f"the trees of arrays differ at {path}", 200)
+    return None
 
 
 def best_steps(checkpointer: Checkpointer) -> list[int]:

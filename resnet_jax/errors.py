@@ -8,6 +8,3 @@ class UserError(Exception):
     traceback. The message must be a single line that says what is wrong and what would be valid.
     """
 
-
-# Orbax's words when a checkpoint's arrays have other shapes than the model asks for.
-CHECKPOINT_SHAPE_MISMATCH = "is not compatible with the stored shape"

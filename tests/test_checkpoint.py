@@ -69,3 +69,19 @@ def test_a_non_project_checkpoint_is_skipped_by_name(tmp_path):
         with pytest.raises(UserError, match=r"no usable checkpoint .*step 5: not a resnet_jax"), \
                 pytest.warns(UserWarning):
             ck.restore(jax.eval_shape(lambda: {"w": jnp.zeros(2)}), steps=[5])
+
+
+def test_another_architecture_is_named_where_the_trees_differ(tmp_path):
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(1, {"state": {"layer1": {"w": jnp.zeros(2)}, "fc": jnp.zeros(3)}}, {})
+    other = {"state": {"layer1": {"w": jnp.zeros(2), "b": jnp.zeros(2)}, "fc": jnp.zeros(3)}}
+    # Orbax words it one way for an array the checkpoint lacks, another for one it has extra.
+    for restored, says in [(other, "the checkpoint has no state.layer1.b"),
+                           ({"state": {"fc": jnp.zeros(3)}},
+                            "the trees of arrays differ at state.layer1")]:
+        with Checkpointer(tmp_path / "ck", read_only=True) as ck, \
+                pytest.raises(UserError) as info:
+            ck.restore(jax.eval_shape(lambda t=restored: t))
+        message = str(info.value)
+        assert f"do not fit the state restored into them ({says})" in message, message
+        assert "\n" not in message and len(message) < 300
