@@ -28,6 +28,7 @@ import json
 import os
 import re
 import statistics
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,10 +426,28 @@ def flops_spread(runs: Sequence[Run]) -> float | None:
 
 
 def read_records(workdir: Path) -> list[dict]:
+    """The run's metrics.jsonl records. A last line that is not a record (a write cut short)
+    is left out with a warning: the run then counts as unfinished, and resuming it from its
+    checkpoint rewrites the file. A bad line before the last is a UserError."""
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if n < len(lines):
+                raise UserError(f"{path}: line {n} is not a metrics record; delete {workdir} "
+                                "to train the run again") from None
+            warnings.warn(f"{path}: its last line is not a metrics record (a write cut "
+                          "short?); left out", stacklevel=2)
+            break
+        records.append(record)
+    return records
 
 
 def identity_diff(run: Run, saved: Mapping[str, Any]) -> list[str]:
@@ -578,6 +597,9 @@ def train_run(run: Run, say=_print, prefix: str = "") -> str:
     except train_lib.DivergedError as e:
         say(f"{prefix}diverged {run.name}: {e}")
         return "diverged"
+    except UserError as e:  # train.py's advice names its --overwrite, not a flag of this runner
+        raise UserError(re.sub(r"use --overwrite to start again( or another --workdir)?",
+                               f"delete {run.workdir} to train the run again", str(e))) from None
     if finished_record(run) is None:
         return "stopped"
     return "trained"

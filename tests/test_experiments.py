@@ -309,3 +309,31 @@ def test_every_experiment_tiny_end_to_end_then_skipped(fashion_mnist_dir, tmp_pa
     assert ex.finished_record(run) is None
     with pytest.raises(UserError, match=r"holds a different run \(learning_rate: 0.01 -> 0.02"):
         ex.train_run(run)
+
+
+def test_a_cut_short_last_record_is_left_out_and_a_bad_one_before_it_is_named(tmp_path):
+    run = ex.plan(ex.get_experiment("degradation"), "tiny", 1, tmp_path, rows=["resnet18"])[0]
+    _fake_workdir(run, 0.0)
+    metrics = run.workdir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:-1]) + '\n{"epoch": 2, "st')  # killed mid-write
+    with pytest.warns(UserWarning, match=r"its last line is not a metrics record"):
+        assert [r["step"] for r in ex.read_records(run.workdir)] == [8]
+    with pytest.warns(UserWarning):
+        assert ex.finished_record(run) is None  # so the runner resumes it, rewriting the file
+    metrics.write_text("\n".join(["not json", *lines]) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 1 is not a metrics record; "
+                                        r"delete .*resnet18-seed0 to train the run again"):
+        ex.read_records(run.workdir)
+
+
+def test_the_trainers_advice_names_what_the_runner_can_do(fashion_mnist_dir, tmp_path):
+    # train.py's errors advise its --overwrite; the runner has no such flag.
+    run = ex.plan(ex.get_experiment("degradation"), "tiny", 1, tmp_path, rows=["plain18"],
+                  data_dir=str(fashion_mnist_dir))[0]
+    (run.workdir / "checkpoints" / "8").mkdir(parents=True)
+    (run.workdir / "config.json").write_text("{garbled")
+    with pytest.raises(UserError) as info:
+        ex.train_run(run, say=lambda _: None)
+    assert str(info.value).endswith(f"config.json is unreadable or not a training config; "
+                                    f"delete {run.workdir} to train the run again")
