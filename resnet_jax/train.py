@@ -19,6 +19,8 @@ import signal
 import sys
 import threading
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -361,6 +363,8 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
                         f"({', '.join(bottlenecks)}), not {config.arch}")
     if "grouped_conv" in options:
         grouping["grouped_conv"] = config.grouped_conv
+    elif config.grouped_conv != "auto":
+        raise UserError(f"--grouped_conv applies to the bottleneck archs, not {config.arch}")
     try:
         return models.create_model(config.arch, num_classes=num_classes,
                                    dtype=compute_dtype(config), stem=config.stem,
@@ -375,12 +379,18 @@ def _check_workdir(config: Config, is_main: bool) -> Path:
     workdir = Path(config.workdir).absolute()
     check_writable(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
+    folders = ("checkpoints", "damaged_checkpoints", "tensorboard")
     if config.overwrite and is_main:
-        for name in ("checkpoints", "damaged_checkpoints", "tensorboard"):
+        for name in folders:
             shutil.rmtree(workdir / name, ignore_errors=True)
-        for name in ("config.json", "metrics.jsonl", "curves.png"):
-            (workdir / name).unlink(missing_ok=True)
+        for name in ("config.json", "metrics.jsonl", "curves.png", *folders):
+            if not (workdir / name).is_dir():  # (a file where a folder should be too)
+                (workdir / name).unlink(missing_ok=True)
     _barrier("workdir")
+    for name in folders:
+        if (workdir / name).exists() and not (workdir / name).is_dir():
+            raise UserError(f"--workdir {workdir} holds a file {name} where the run keeps a "
+                            "folder; use --overwrite to start again or another --workdir")
     saved_path = workdir / "config.json"
     # A run that saved no checkpoint (it failed to start, or was killed in its first epoch) has
     # nothing to resume: a corrected command may start afresh in its workdir.
@@ -717,9 +727,11 @@ def load_predictions(path: str | Path) -> dict:
                    "members": json.loads(str(f["members"]))}
     except FileNotFoundError:
         raise UserError(f"prediction file {path} not found") from None
-    except KeyError as e:
-        raise UserError(f"{not_one} (no {e})") from None
-    except (OSError, ValueError, EOFError) as e:  # json.JSONDecodeError is a ValueError
+    except KeyError as e:  # numpy's words: "probabilities is not a file in the archive"
+        raise UserError(f"{not_one} ({e.args[0] if e.args else e})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # cut short, or damaged
+        raise UserError(f"{path} is damaged or cut short ({e or type(e).__name__})") from None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{not_one} ({type(e).__name__})") from None
     probs, labels, members = out["probabilities"], out["labels"], out["members"]
     if (probs.ndim != 2 or labels.shape != probs.shape[:1] or not len(labels)

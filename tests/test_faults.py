@@ -431,6 +431,7 @@ def _train_main(argv, capsys):
     (["--momentum=nan"], "--momentum must be a finite number, got nan"),
     (["--workdir="], "--workdir is empty; give a path"),
     (["--cardinality=4"], "--cardinality applies to the bottleneck archs (preact_resnet50, "),
+    (["--grouped_conv=split"], "--grouped_conv applies to the bottleneck archs, not resnet18"),
     (["--eval_examples=10001"], "--eval_examples 10001 exceeds the 10000 examples of the split"),
     (["--schedule=cosine", "--epochs=1", "--warmup_epochs=0.9999", "--train_examples=1280"],
      "--warmup_epochs 0.9999 is 10 steps, the whole run of 10"),
@@ -479,6 +480,13 @@ def test_bad_workdirs_are_one_line_with_exit_2(capsys, tmp_path, fashion_mnist_d
     code, err = _train_main([f"--workdir={foreign}", f"--data_dir={fashion_mnist_dir}", *TINY],
                             capsys)
     assert code == 2 and len(err) == 1 and "checkpoints of an unknown run" in err[0], err
+
+    squatted = tmp_path / "squatted"  # a file where the run keeps its checkpoints folder
+    squatted.mkdir()
+    (squatted / "checkpoints").write_text("")
+    code, err = _train_main([f"--workdir={squatted}", f"--data_dir={fashion_mnist_dir}", *TINY],
+                            capsys)
+    assert code == 2 and len(err) == 1 and "holds a file checkpoints where" in err[0], err
 
 
 def test_a_second_signal_during_training_exits_at_once(fashion_mnist_dir, tmp_path):

@@ -253,6 +253,19 @@ def test_prediction_files_are_checked_whole(tmp_path):
             load_predictions(tmp_path / "bad.npz")
     with pytest.raises(UserError, match="is a folder; name a file"):
         save_predictions(tmp_path, good)
+    # A file cut short, one with a damaged byte in its compressed data, one without a field.
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    start = data.index(b"probabilities.npy") + 200  # inside that member's deflate stream
+    (tmp_path / "flipped.npz").write_bytes(data[:start] + bytes([data[start] ^ 0xFF])
+                                           + data[start + 1:])
+    np.savez(tmp_path / "partial.npz", labels=good["labels"])
+    for name, reason in (("cut", r"is damaged or cut short \(File is not a zip file\)"),
+                         ("flipped", r"is damaged or cut short \(.+\)"),
+                         ("partial", r"is not a prediction file .*\(probabilities is not a "
+                                     r"file in the archive\)")):
+        with pytest.raises(UserError, match=f"{name}.npz {reason}"):
+            load_predictions(tmp_path / f"{name}.npz")
     # An ensemble of files over other classes (same labels): refused, not silently mixed.
     from resnet_jax.train import evaluate_ensemble
 
