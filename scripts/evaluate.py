@@ -3,7 +3,8 @@
 confusion matrix with class names. Several workdirs are evaluated as an ensemble (the mean of
 their predicted probabilities), and --flip adds test-time augmentation (each image and its
 mirror image). --save_predictions writes the per-image probabilities; --add_predictions puts
-saved ones into the ensemble, so models trained elsewhere, whose checkpoints are gone, count."""
+saved ones into the ensemble, so models trained elsewhere, whose checkpoints are gone, count.
+Mistakes in the flags, workdirs or files are one line on stderr with exit status 2."""
 
 import os
 import sys

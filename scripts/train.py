@@ -3,9 +3,10 @@
 Fashion-MNIST at 96x96, batch 128, SGD lr 0.01, 10 epochs.
 
 Running the same command again with the same --workdir resumes from its latest checkpoint.
-SIGTERM/SIGINT checkpoint after the current dispatch (up to --steps_per_dispatch steps) and
-exit 0. Mistakes in the flags or the data are one line on stderr with exit status 2; a diverged
-loss exits with status 3.
+SIGTERM/SIGINT during training checkpoint after the current dispatch (up to
+--steps_per_dispatch steps) and exit 0; before the first step, or a second signal, exit at
+once with status 130 (SIGINT) or 143 (SIGTERM). Mistakes in the flags or the data are one
+line on stderr with exit status 2; a diverged loss exits with status 3.
 """
 
 import os
