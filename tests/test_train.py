@@ -53,6 +53,14 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_an_int_seed_is_the_key_of_that_seed():
+    model = create_model("resnet18", num_classes=10, width=4, stem="small")
+    from_int = create_train_state(model, optax.sgd(0.1), 3, (1, 16, 16, 1))
+    chex.assert_trees_all_equal(from_int.arrays(), tiny_state(lr=0.1, seed=3).arrays())
+    assert not np.array_equal(from_int.params["fc"]["kernel"],
+                              tiny_state(seed=4).params["fc"]["kernel"])
+
+
 def test_train_step_updates_batch_stats_and_eval_uses_them():
     state, b = tiny_state(), batch()
     new, _ = jax.jit(train_step)(state, b)
