@@ -58,6 +58,9 @@ def _hide_failed_read_aftermath() -> None:
     failure itself is already reported in one line (the checkpoint is skipped, or named in the
     error).
     """
+    # (Again each time: pytest, or a caller's warnings.catch_warnings(), resets the filters.)
+    warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never "
+                            "awaited", RuntimeWarning)
     global _QUIET_READS
     if _QUIET_READS:
         return
@@ -73,8 +76,6 @@ def _hide_failed_read_aftermath() -> None:
                                                     or _SHAPE_MISMATCH in str(error)))))
 
     logging.getLogger("asyncio").addFilter(failed_read)
-    warnings.filterwarnings("ignore", "coroutine '_read_array_index_and_device_put' was never "
-                            "awaited", RuntimeWarning)
 
     def quiet_unraisablehook(unraisable):
         value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
@@ -97,7 +98,12 @@ def _policy(keep: int) -> pp.PreservationPolicy:
 
 
 class Checkpointer:
-    """A thin layer over `ocp.CheckpointManager` with the project's layout and fallbacks."""
+    """A thin layer over `ocp.CheckpointManager` with the project's layout and fallbacks.
+
+    Close it (or use `with`). The first one made hides, process-wide, the noise Orbax leaves
+    after a failed read: asyncio's "exception was never retrieved" for reads, and unraisable
+    "Event loop is closed" errors.
+    """
 
     def __init__(self, directory: str | Path, keep: int = 3, *, async_save: bool = True,
                  read_only: bool = False):
@@ -119,7 +125,7 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
             # Orbax removes the tmp folders on a thread it awaits only at the first save: a
             # process that only reads, then exits without close(), had that thread fail at
-            # shutdown with a traceback. Waiting here costs one directory listing.
+            # shutdown with a traceback. Waiting here removes them now (usually there are none).
             getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         finally:
             absl_log.removeFilter(_read_only_notes)
@@ -183,7 +189,7 @@ class Checkpointer:
                 jax.block_until_ready(tree)
             except Exception as e:  # noqa: BLE001 - any failure means "this one is unusable"
                 reason = _reason(e)
-                mismatch = _mismatch(str(e))
+                mismatch = _mismatch(str(e)) or _mismatch(str(e.__cause__ or ""))
                 if mismatch:  # not damaged: another model's
                     raise UserError(
                         f"the checkpoints in {self.directory} do not fit the state restored "
@@ -231,10 +237,12 @@ def _reason(error: BaseException) -> str:
 
 
 def _clip(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` characters at a word's end, marked with "..."."""
+    """`text` cut to at most `limit` characters, at a word's end if one is near, with "..."."""
     if len(text) <= limit:
         return text
-    return text[:limit - 3].rsplit(" ", 1)[0] + "..."
+    cut = text[:limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > len(cut) - 40 else cut) + "..."
 
 
 def _mismatch(message: str) -> str | None:
@@ -245,10 +253,12 @@ def _mismatch(message: str) -> str | None:
         return _clip(message.split(". ")[0], 200)
     if _MISSING_PATH in message:  # "... Target path ('state', 'fc') not found in ..."
         path = message.split(_MISSING_PATH, 1)[1].split(" not found", 1)[0]
-        return _clip("the checkpoint has no " + ".".join(re.findall(r"'([^']*)'", path)), 200)
+        keys = re.findall(r"'([^']*)'|(\d+)", path)  # (sequence indices are ints)
+        return _clip("the checkpoint has no " + ".".join(a or b for a, b in keys), 200)
     if _TREE_MISMATCH in message:  # "... do not match: state.layer1: - Source: ..."
         path = message.split(_TREE_MISMATCH, 1)[1].lstrip(": ").split(":", 1)[0]
-        return _clip(f"the trees of arrays differ at {path}", 200)
+        where = f" at {path}" if path and " " not in path else ""
+        return _clip(f"the trees of arrays differ{where}", 200)
     return None
 
 

@@ -501,8 +501,11 @@ def find_twin(run: Run) -> Path | None:
     runs_dir = run.workdir.parents[2]  # RUNS_DIR/NAME/PRESET/ROW-seedK
     for config_file in sorted(runs_dir.glob("*/*/*/config.json")):
         workdir = config_file.parent
-        if workdir != run.workdir and _finished_in(workdir, run, TRAINING_FIELDS) is not None:
-            return workdir
+        try:
+            if workdir != run.workdir and _finished_in(workdir, run, TRAINING_FIELDS) is not None:
+                return workdir
+        except UserError:  # another run's damaged records: not a twin (its own run says so)
+            continue
     return None
 
 

@@ -80,7 +80,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     """Initialises the model on a dummy NHWC batch of `input_shape` and the optimizer state.
 
     `rng` is a PRNG key or an int seed."""
-    if isinstance(rng, int):
+    if isinstance(rng, int | np.integer):
         rng = jax.random.key(rng)
     variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
     params = variables["params"]
@@ -363,8 +363,6 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
                         f"({', '.join(bottlenecks)}), not {config.arch}")
     if "grouped_conv" in options:
         grouping["grouped_conv"] = config.grouped_conv
-    elif config.grouped_conv != "auto":
-        raise UserError(f"--grouped_conv applies to the bottleneck archs, not {config.arch}")
     try:
         return models.create_model(config.arch, num_classes=num_classes,
                                    dtype=compute_dtype(config), stem=config.stem,
@@ -730,7 +728,8 @@ def load_predictions(path: str | Path) -> dict:
     except KeyError as e:  # numpy's words: "probabilities is not a file in the archive"
         raise UserError(f"{not_one} ({e.args[0] if e.args else e})") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # cut short, or damaged
-        raise UserError(f"{path} is damaged or cut short ({e or type(e).__name__})") from None
+        raise UserError(f"{path} is damaged or cut short ({str(e) or type(e).__name__})"
+                        ) from None
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{not_one} ({type(e).__name__})") from None
     probs, labels, members = out["probabilities"], out["labels"], out["members"]

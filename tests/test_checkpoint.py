@@ -1,5 +1,6 @@
 """Tests for resnet_jax.checkpoint used directly (the trainer's use is in test_faults.py)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -49,7 +50,7 @@ def test_another_models_state_is_one_error_and_nothing_else_on_stderr(tmp_path):
         Checkpointer({str(tmp_path / "empty")!r}).restore({{}})  # left open
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0 and run.stderr == "", run.stderr
     assert run.stdout.count("\n") == 1 and "do not fit the state restored into them" in run.stdout
 

@@ -431,7 +431,6 @@ def _train_main(argv, capsys):
     (["--momentum=nan"], "--momentum must be a finite number, got nan"),
     (["--workdir="], "--workdir is empty; give a path"),
     (["--cardinality=4"], "--cardinality applies to the bottleneck archs (preact_resnet50, "),
-    (["--grouped_conv=split"], "--grouped_conv applies to the bottleneck archs, not resnet18"),
     (["--eval_examples=10001"], "--eval_examples 10001 exceeds the 10000 examples of the split"),
     (["--schedule=cosine", "--epochs=1", "--warmup_epochs=0.9999", "--train_examples=1280"],
      "--warmup_epochs 0.9999 is 10 steps, the whole run of 10"),
