@@ -825,6 +825,11 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         raise UserError(f"--workdir {workdir} holds step {restored.step}, past this run's last "
                         f"step {total_steps}; give more --epochs (or --max_steps), or use "
                         "--overwrite to start again")
+    if is_main and restored is None and (workdir / "config.json").exists():
+        # The same command again, but the first run saved no checkpoint (stopped in its first
+        # epoch): say that this is a fresh start, not a resume.
+        print(f"no checkpoint in {checkpointer.directory} to resume: starting from step 0",
+              flush=True)
     if is_main:
         resolved = {**dataclasses.asdict(config), "resolved": {
             "devices": mesh.size, "processes": jax.process_count(),

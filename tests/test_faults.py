@@ -488,6 +488,20 @@ def test_bad_workdirs_are_one_line_with_exit_2(capsys, tmp_path, fashion_mnist_d
     assert code == 2 and len(err) == 1 and "holds a file checkpoints where" in err[0], err
 
 
+def test_a_run_that_saved_no_checkpoint_starts_afresh_and_says_so(run_train, tmp_path):
+    workdir = tmp_path / "w"
+    args = [f"--workdir={workdir}", *TINY, "--epochs=1", "--eval_examples=64"]
+    first = run_train(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "no checkpoint" not in first.stdout  # a new workdir: nothing to say
+    shutil.rmtree(workdir / "checkpoints")  # as if killed before its first checkpoint
+    again = run_train(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith(f"no checkpoint in {workdir}/checkpoints to resume: "
+                                   "starting from step 0\n"), again.stdout
+    assert again.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]  # the same run
+
+
 def test_a_second_signal_during_training_exits_at_once(fashion_mnist_dir, tmp_path):
     proc = popen_train(fashion_mnist_dir, tmp_path / "twice")
     while not (line := proc.stdout.readline()).startswith("epoch 1/"):
