@@ -462,7 +462,11 @@ def _finished_in(workdir: Path, run: Run, fields: Iterable[str]) -> dict | None:
     try:
         saved = json.loads((workdir / "config.json").read_text())
         steps_per_epoch = int(saved["resolved"]["steps_per_epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # the trainer writes it whole: damaged
+        warnings.warn(f"{workdir / 'config.json'} is unreadable or not a training config: the "
+                      "run counts as not run", stacklevel=2)
         return None
     if config_identity_diff({k: _setting(run.settings, k) for k in fields}, saved):
         return None

@@ -321,6 +321,13 @@ def test_a_cut_short_last_record_is_left_out_and_a_bad_one_before_it_is_named(tm
         assert [r["step"] for r in ex.read_records(run.workdir)] == [8]
     with pytest.warns(UserWarning):
         assert ex.finished_record(run) is None  # so the runner resumes it, rewriting the file
+    metrics.write_text("\n".join(lines) + "\n")
+    (run.workdir / "config.json").write_text("{garbled")
+    with pytest.warns(UserWarning, match=r"config.json is unreadable or not a training config: "
+                                         r"the run counts as not run"):
+        assert ex.finished_record(run) is None
+    _fake_workdir(dataclasses.replace(run, workdir=tmp_path / "again"), 0.0)
+    (run.workdir / "config.json").write_bytes((tmp_path / "again" / "config.json").read_bytes())
     metrics.write_text("\n".join(["not json", *lines]) + "\n")
     with pytest.raises(UserError, match=r"metrics.jsonl: line 1 is not a metrics record; "
                                         r"delete .*resnet18-seed0 to train the run again"):
@@ -333,7 +340,7 @@ def test_the_trainers_advice_names_what_the_runner_can_do(fashion_mnist_dir, tmp
                   data_dir=str(fashion_mnist_dir))[0]
     (run.workdir / "checkpoints" / "8").mkdir(parents=True)
     (run.workdir / "config.json").write_text("{garbled")
-    with pytest.raises(UserError) as info:
+    with pytest.raises(UserError) as info, pytest.warns(UserWarning, match="counts as not run"):
         ex.train_run(run, say=lambda _: None)
     assert str(info.value).endswith(f"config.json is unreadable or not a training config; "
                                     f"delete {run.workdir} to train the run again")
