@@ -2,8 +2,10 @@
 
 import logging
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import chex
@@ -264,7 +266,10 @@ def test_prediction_files_are_checked_whole(tmp_path):
     # A file cut short, one with a damaged byte in its compressed data, one without a field.
     data = (tmp_path / "good.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
-    start = data.index(b"probabilities.npy") + 200  # inside that member's deflate stream
+    member = zipfile.ZipFile(tmp_path / "good.npz").getinfo("probabilities.npy")
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26:][:4])
+    start = (member.header_offset + 30 + name_len + extra_len  # its compressed data, halfway
+             + member.compress_size // 2)
     (tmp_path / "flipped.npz").write_bytes(data[:start] + bytes([data[start] ^ 0xFF])
                                            + data[start + 1:])
     np.savez(tmp_path / "partial.npz", labels=good["labels"])
