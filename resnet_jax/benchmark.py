@@ -234,8 +234,9 @@ def _count_train_step_flops(case: Case) -> float | None:
     """
     cpu = _cpu_device()
     mesh = train_lib.make_mesh([cpu] if cpu is not None else None)
-    # The model's FLOPs: a space-to-depth stem multiplies by its kernel's zero padding too.
-    config = case.config().replace(stem_conv="direct")
+    # The model's FLOPs: a space-to-depth stem multiplies by its kernel's zero padding too, and
+    # XLA counts an im2col product's FLOPs otherwise than the same convolution's.
+    config = case.config().replace(stem_conv="direct", conv="xla")
     model = train_lib.build_model(config, case.num_classes)
     tx = create_optimizer(config, max(1, case.train_examples // case.batch_size))
     _, abstract = train_lib._initializer(config, model, tx, case.channels, mesh)

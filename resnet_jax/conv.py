@@ -138,13 +138,15 @@ def conv_im2col(
                          (1, sh, sw, 1))
                for i in range(kh) for j in range(kw)]
     patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    dot = functools.partial(jnp.einsum, precision=precision,
+                            preferred_element_type=preferred_element_type)
     g = feature_group_count
+    if g == 1:  # a plain product: a group axis of 1 would make XLA copy the patches around it
+        return dot("nhwk,ko->nhwo", patches, rhs.reshape(kh * kw * cg, out))
     # (kh*kw, C/G, G, O/G): the output features of group g are the g-th run of O/G.
     kernel = rhs.reshape(kh * kw, cg, g, out // g)
     patches = patches.reshape(n, oh, ow, kh * kw, g, cg)
-    y = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, precision=precision,
-                   preferred_element_type=preferred_element_type)
-    return y.reshape(n, oh, ow, out)
+    return dot("nhwkgc,kcgo->nhwgo", patches, kernel).reshape(n, oh, ow, out)
 
 
 def conv_flops(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int],

@@ -659,8 +659,10 @@ def model_flops(model: nn.Module, input_shape: Sequence[int] = (1, 224, 224, 3))
     Returns:
         ``{"flops": float per image, "params": int}``.
     """
-    if isinstance(model, ResNet):  # auto picks space-to-depth on a GPU: +1% zero-padded FLOPs
-        model = model.clone(stem_conv="direct")
+    if isinstance(model, ResNet):
+        # The model's arithmetic, whatever the program: auto picks space-to-depth on a GPU (+1%
+        # zero-padded FLOPs) and im2col on a CPU (whose windows' copies XLA counts as FLOPs).
+        model = model.clone(stem_conv="direct", conv="xla")
     on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_cpu),
                              abstract_variables(model, input_shape))
