@@ -151,10 +151,14 @@ def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[s
     return out
 
 
+# Each layout change returns a new C-ordered array: the caller's (or torch's) buffers stay
+# theirs, and a jax array on the CPU may alias the numpy buffer it was made from.
+
+
 def _oihw(kernel: np.ndarray) -> np.ndarray:
     if kernel.ndim == 4:  # conv: HWIO -> OIHW (groups keep I = in / groups on both sides)
-        return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
-    return np.ascontiguousarray(kernel.T)  # dense: (in, out) -> (out, in)
+        return np.array(kernel.transpose(3, 2, 0, 1), order="C")
+    return np.array(kernel.T, order="C")  # dense: (in, out) -> (out, in)
 
 
 def _oihw_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -163,12 +167,12 @@ def _oihw_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _hwio(weight: np.ndarray) -> np.ndarray:
     if weight.ndim == 4:
-        return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
-    return np.ascontiguousarray(weight.T)
+        return np.array(weight.transpose(2, 3, 1, 0), order="C")
+    return np.array(weight.T, order="C")
 
 
 def _same(value: np.ndarray) -> np.ndarray:
-    return np.array(value)  # a copy: the caller's buffers stay theirs
+    return np.array(value, order="C")
 
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> tuple[str, Any]:
@@ -199,6 +203,8 @@ def _flax_path(key: str) -> tuple[str, tuple[str, ...], Any]:
 
 def _read(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -224,7 +230,7 @@ def _numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
                 value = value.float()
             value = value.numpy()
-        out[str(key)] = np.array(value)  # a copy: torch may update its tensors in place
+        out[str(key)] = np.asarray(value)  # (copied by the layout change)
     return out
 
 

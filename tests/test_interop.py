@@ -21,7 +21,8 @@ needs_safetensors = pytest.mark.skipif(importlib.util.find_spec("safetensors") i
                                        reason="safetensors not installed")
 F64 = {"dtype": jnp.float64, "param_dtype": jnp.float64}
 NUM_CLASSES = 7  # not torchvision's 1000: the head's shape is read from the weights
-IMAGES = np.random.default_rng(0).uniform(size=(2, 64, 64, 3))  # NHWC, float64
+# NHWC, float64. 32x32 still pads every stage's strided conv (16, 8, 4, 2, 1 pixels).
+IMAGES = np.random.default_rng(0).uniform(size=(2, 32, 32, 3))
 
 
 def _randomise(shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
@@ -42,8 +43,16 @@ def _randomise(shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def _flax_model(arch: str) -> models.ResNet:
+    # Native grouped convs: the same function as the split ones (test_models), and eagerly
+    # applied ResNeXt-101 runs 3x faster with 23x fewer ops to dispatch.
+    native = {"grouped_conv": "native"} if "grouped_conv" in models.model_options(arch) else {}
+    return models.create_model(arch, num_classes=NUM_CLASSES, variant="torchvision", **F64,
+                               **native)
+
+
 def _flax_logits(arch: str, variables: dict) -> np.ndarray:
-    model = models.create_model(arch, num_classes=NUM_CLASSES, variant="torchvision", **F64)
+    model = _flax_model(arch)
     with jax.enable_x64(True):
         return np.asarray(model.apply(variables, jnp.asarray(IMAGES), train=False))
 
@@ -82,9 +91,8 @@ def test_from_torch_gives_torchvisions_logits(torchvision_net):
     state_dict = net.state_dict()  # torch tensors, as a user passes them
     assert interop.check_state_dict(state_dict) == arch  # inferred from keys and shapes
 
+    assert interop.check_state_dict(state_dict, arch=arch) == arch
     variables = interop.from_torch(state_dict)
-    jax.tree.map(np.testing.assert_array_equal, interop.from_torch(state_dict, arch=arch),
-                 variables)
 
     want, got = _torch_logits(net), _flax_logits(arch, variables)
     assert got.dtype == np.float64 and np.abs(want).max() > 1  # not a degenerate comparison
@@ -94,9 +102,8 @@ def test_from_torch_gives_torchvisions_logits(torchvision_net):
 @needs_torch
 def test_to_torch_is_loaded_by_torchvision_with_the_same_logits(torchvision_net):
     arch, net = torchvision_net
-    model = models.create_model(arch, num_classes=NUM_CLASSES, variant="torchvision", **F64)
     with jax.enable_x64(True):
-        abstract = models.abstract_variables(model, IMAGES.shape)
+        abstract = models.abstract_variables(_flax_model(arch), IMAGES.shape)
     # Flax-side values, randomised through their torchvision names (the same distributions).
     torch_shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     variables = interop.from_torch(_randomise(torch_shapes, seed=2))
