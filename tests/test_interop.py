@@ -2,6 +2,7 @@
 the same logits in float64 both ways, round trips are exact, and bad state_dicts are refused."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,8 +32,14 @@ def _randomise(shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for key, shape in shapes.items():
+        block = re.match(r"layer\d+\.\d+\.", key)
+        last_bn = block and f"{block[0]}{'bn3' if f'{block[0]}bn3.weight' in shapes else 'bn2'}"
         if key.endswith("num_batches_tracked"):
             out[key] = np.asarray(rng.integers(0, 1000), np.int64)
+        elif last_bn and key == f"{last_bn}.weight":
+            # Small: in eval mode nothing renormalises the sum of 50 residual branches, whose
+            # scale would otherwise double per block (logits of 1e9 in ResNet-152).
+            out[key] = rng.uniform(0.05, 0.2, shape)
         elif key.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight",
                            "downsample.1.weight")):
             out[key] = rng.uniform(0.5, 1.5, shape)

@@ -44,7 +44,9 @@ def test_init_from_a_torchvision_file_fine_tunes_and_exports_back(run_train, tmp
             "its 3 input channels for 1-channel images")
     assert first.stdout.splitlines()[0] == line
     recorded = json.loads((workdir / "config.json").read_text())["resolved"]["init_from"]
-    assert " ".join(recorded["notes"]) in line
+    assert recorded == {"source": str(tmp_path / "resnet18.pth"), "notes": [
+        "resnet18 weights from a PyTorch file", "fc re-initialised for 10 classes (the source "
+        "has 1000)", "conv1's kernel summed over its 3 input channels for 1-channel images"]}
 
     # Checkpoints in the workdir: the same command resumes them, and the record stays.
     second = run_train(*command, "--epochs=2")
