@@ -51,10 +51,14 @@ def notes(config, in_channels: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from resnet_jax.config import _DefaultsFormatter, _OneLineParser
 
-    parser = _OneLineParser(prog="export.py", description=__doc__,
-                            formatter_class=_DefaultsFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, _DefaultsFormatter):
+        """The description as written (it holds code), the flags' defaults after their help."""
+
+    parser = _OneLineParser(prog="export.py", description=__doc__, formatter_class=Formatter)
     parser.add_argument("--workdir", required=True, help="a workdir written by train.py "
                         "with --variant=torchvision")
     parser.add_argument("--output", required=True, metavar="FILE.pth|FILE.safetensors",
