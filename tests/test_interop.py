@@ -103,7 +103,7 @@ def test_from_torch_gives_torchvisions_logits(torchvision_net):
 
     want, got = _torch_logits(net), _flax_logits(arch, variables)
     assert got.dtype == np.float64 and np.abs(want).max() > 0.5  # not a degenerate comparison
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
 
 
 @needs_torch
@@ -120,7 +120,7 @@ def test_to_torch_is_loaded_by_torchvision_with_the_same_logits(torchvision_net)
     _load(net, state_dict)  # strict: every key, no extra one, every shape
     assert int(net.bn1.num_batches_tracked) == 5
     want, got = _flax_logits(arch, variables), _torch_logits(net)
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
 
 
 @needs_torch
