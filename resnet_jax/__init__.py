@@ -19,6 +19,7 @@ __all__ = [
     "ResNet",
     "Residual",
     "UserError",
+    "conv_im2col",
     "conv_per_group",
     "conv_space_to_depth",
     "create_model",
@@ -29,9 +30,9 @@ __all__ = [
 _EXPORTS = {name: "resnet_jax.errors" if name == "UserError" else "resnet_jax.models"
             for name in __all__}
 # The submodules, also loaded on first use: `resnet_jax.train.train_step` after `import resnet_jax`.
-_SUBMODULES = frozenset({"benchmark", "checkpoint", "cli", "config", "data", "distributed",
-                         "errors", "experiments", "finetune", "interop", "metrics", "models",
-                         "optimizer", "train"})
+_SUBMODULES = frozenset({"benchmark", "checkpoint", "cli", "config", "conv", "data",
+                         "distributed", "errors", "experiments", "finetune", "interop", "metrics",
+                         "models", "optimizer", "train"})
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
         Residual,
         ResNet,
         ResNeXtBlock,
+        conv_im2col,
         conv_per_group,
         conv_space_to_depth,
         create_model,

@@ -141,6 +141,7 @@ class Case:
     base_width: int | None = None
     grouped_conv: str = "auto"
     stem_conv: str = "auto"
+    conv: str = "auto"
     source_size: int = 28
     train_examples: int = 60_000
     eval_examples: int = 10_000
@@ -152,14 +153,14 @@ class Case:
                       image_size=self.image_size, width=self.width, stem=self.stem,
                       cardinality=self.cardinality, base_width=self.base_width,
                       grouped_conv=self.grouped_conv, stem_conv=self.stem_conv,
-                      steps_per_dispatch=self.steps_per_dispatch, seed=self.seed)
+                      conv=self.conv, steps_per_dispatch=self.steps_per_dispatch, seed=self.seed)
 
     @property
     def group(self) -> tuple:
         """Cases that share a compiled program (they differ only in steps per dispatch)."""
         return (self.arch, self.batch_size, self.precision, self.image_size, self.num_classes,
                 self.channels, self.width, self.stem, self.cardinality, self.base_width,
-                self.grouped_conv, self.stem_conv, self.source_size, self.seed,
+                self.grouped_conv, self.stem_conv, self.conv, self.source_size, self.seed,
                 self.train_examples, self.eval_examples)
 
 
@@ -358,6 +359,23 @@ def _train_chunk(group: _Group, case: Case, start: int) -> Any:
     return loss
 
 
+def train_stepper(case: Case, mesh: Mesh) -> Callable[[int], None]:
+    """`run(n)`: n more dispatches (of `steps_per_dispatch` steps) of the trainer's loop on the
+    case's synthetic data, returning once they are done (for timing it against other code)."""
+    group = _Group(case, mesh, synthetic_dataset(case, mesh))
+    wrap = max(1, case.train_examples // case.batch_size - case.steps_per_dispatch + 1)
+    done = 0
+
+    def run(dispatches: int) -> None:
+        nonlocal done
+        for _ in range(dispatches):
+            loss = _train_chunk(group, case, done * case.steps_per_dispatch % wrap)
+            done += 1
+        jax.block_until_ready((group.state, loss))
+
+    return run
+
+
 def _time_train(group: _Group, case: Case) -> dict:
     """Compile time and steady images/s of the train loop at the case's steps per dispatch.
 
@@ -540,6 +558,7 @@ def run_cases(cases: list[Case], mesh: Mesh | None = None,
             **dataclasses.asdict(case), **result, **group.eval_result,
             # What "auto" resolved to on this backend.
             "stem_conv_used": models.resolve_stem_conv(case.stem_conv, case.stem),
+            "conv_used": models.resolve_conv(case.conv),
             "peak_bytes": peak, "peak_bytes_exact": (None if peak is None else
                                                      peak_before is None or peak > peak_before),
             "train_flops_per_image": flops, "forward_flops_per_image": fwd["flops"],
@@ -567,9 +586,9 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 TABLE_COLUMNS: tuple[tuple[str, int], ...] = (
-    ("arch", 10), ("prec", 4), ("batch", 5), ("spd", 4), ("compile_s", 9), ("train_img/s", 11),
-    ("ms/step", 8), ("eval_img/s", 10), ("prog_mem", 8), ("peak_mem", 8), ("GF/img", 6),
-    ("fwdGF", 6), ("TFLOP/s", 7), ("MFU", 6),
+    ("arch", 10), ("prec", 4), ("batch", 5), ("spd", 4), ("conv", 6), ("compile_s", 9),
+    ("train_img/s", 11), ("ms/step", 8), ("eval_img/s", 10), ("prog_mem", 8), ("peak_mem", 8),
+    ("GF/img", 6), ("fwdGF", 6), ("TFLOP/s", 7), ("MFU", 6),
 )
 
 
@@ -583,7 +602,7 @@ def table_row(r: dict) -> str:
     gf, fwd = r["train_flops_per_image"], r["forward_flops_per_image"]
     cells = (
         r["arch"], r["precision"], str(r["batch_size"]), str(r["steps_per_dispatch"]),
-        f"{r['compile_s']:.1f}" if r["compiled"] else "shared",
+        r["conv_used"], f"{r['compile_s']:.1f}" if r["compiled"] else "shared",
         f"{r['train_images_per_sec']:,.0f}", f"{r['step_time_ms']:.2f}",
         f"{r['eval_images_per_sec']:,.0f}", _fmt_bytes(r["program_bytes"], True),
         _fmt_bytes(r["peak_bytes"], r["peak_bytes_exact"]),

@@ -17,6 +17,7 @@ from typing import Any
 
 from resnet_jax.errors import UserError
 from resnet_jax.models import (  # one list of choices for models and flags
+    CONVS,
     GROUPED_CONVS,
     STEM_CONVS,
     STEMS,
@@ -133,6 +134,11 @@ class Config:
                         "pixel blocks stacked as channels, avoiding one-channel conv kernels: "
                         "2-12%% faster training on an H200), auto (space_to_depth for the "
                         "imagenet stem, except on a CPU)", choices=STEM_CONVS)
+    conv: str = _f("auto", "how every convolution is computed, with the same parameters and "
+                   "results: xla (XLA's convolutions), im2col (stacked windows times one "
+                   "matrix: 2-4x faster training on XLA:CPU, more memory), by_size (im2col for "
+                   "convs of at least 10 MFLOP, xla for smaller ones), auto (by_size on a CPU, "
+                   "xla elsewhere)", choices=CONVS)
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
     init_from: str | None = _f(
         None, "start from these weights instead of a random init: a torchvision or timm .pth, "
@@ -191,7 +197,8 @@ def validate(config: Config) -> Config:
         raise UserError(f"unknown --dataset {config.dataset!r}; valid: {', '.join(data.DATASETS)}")
     for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                           ("precision", PRECISIONS), ("stem", STEMS), ("variant", VARIANTS),
-                          ("grouped_conv", GROUPED_CONVS), ("stem_conv", STEM_CONVS)):
+                          ("grouped_conv", GROUPED_CONVS), ("stem_conv", STEM_CONVS),
+                          ("conv", CONVS)):
         if getattr(config, name) not in choices:
             raise UserError(f"unknown --{name} {getattr(config, name)!r}; valid: "
                             f"{', '.join(choices)}")

@@ -17,19 +17,11 @@ Two parameter conventions (``variant``):
 All padding is explicit and PyTorch-style (``((p, p), (p, p))``, max-pool padded with -inf), so
 spatial sizes equal PyTorch's: a 28x28 input gives 14, 7, 7, 4, 2, 1 through the chapter's net.
 
-Grouped convolutions (ResNeXt, ``cardinality > 1``) have two implementations with the same
-parameters and the same function (``grouped_conv``): ``"native"``, one XLA convolution with
-``feature_group_count``; ``"split"``, one ungrouped convolution per group, concatenated. XLA:CPU
-runs the native form many times slower (see :func:`conv_per_group`); ``"auto"`` (default) picks
-``"split"`` on a CPU backend and ``"native"`` elsewhere (cuDNN implements groups itself).
-
-The 7x7/2 stem conv likewise (``stem_conv``): ``"direct"``, or ``"space_to_depth"``
-(:func:`conv_space_to_depth`: the same parameters and function as a 4x4/1 conv on 2x2 blocks
-of pixels stacked as channels, which avoids cuDNN's kernels for one input channel). ``"auto"``
-(default) picks ``"space_to_depth"`` for the imagenet stem except on a CPU backend: on an H200
-it trained the chapter's ResNet-18 2.4% (fp32, batch 128), 4.9% (bf16, 128) and 12% (bf16,
-1024) faster than the direct conv; on XLA:CPU it was as fast at 96x96 and ~10% slower at 28x28.
-The small stem's stride-1 conv is always direct.
+How the convolutions are computed is chosen per backend, with the same parameters and the same
+function whatever the choice (``resnet_jax.conv``): ``conv`` ("auto" | "xla" | "im2col"; im2col,
+one matrix product per conv, on a CPU), ``grouped_conv`` ("auto" | "native" | "split"; groups
+split on a CPU under "xla") and ``stem_conv`` ("auto" | "direct" | "space_to_depth"; a
+space-to-depth stem except on a CPU). On a GPU or TPU "auto" gives XLA's own convolutions.
 
 Mixed precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Batch-norm
 statistics are reduced and stored in float32 (flax's ``force_float32_reductions``), and the logits
@@ -45,7 +37,19 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from resnet_jax.conv import (  # noqa: F401  (re-exported: models.conv_per_group etc.)
+    CONVS,
+    GROUPED_CONVS,
+    STEM_CONVS,
+    conv_function,
+    conv_im2col,
+    conv_per_group,
+    conv_space_to_depth,
+    resolve_conv,
+    resolve_grouped_conv,
+    resolve_stem_conv,
+)
 
 Dtype = Any
 Arch = tuple[tuple[int, int], ...]
@@ -53,8 +57,6 @@ Arch = tuple[tuple[int, int], ...]
 VARIANTS = ("d2l", "torchvision")
 STEMS = ("imagenet", "small")
 BLOCKS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
-GROUPED_CONVS = ("auto", "native", "split")
-STEM_CONVS = ("auto", "direct", "space_to_depth")
 
 # He et al.'s init (kaiming_normal_, fan_out), which torchvision's ResNets apply explicitly.
 _he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -93,95 +95,6 @@ def _check_positive(option: str, value: Any) -> None:
         raise ValueError(f"{option}={value!r} is not valid; it must be a positive integer")
 
 
-def conv_per_group(
-    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any, *,
-    feature_group_count: int = 1, dimension_numbers: Any = None, **kwargs: Any,
-) -> jax.Array:
-    """``lax.conv_general_dilated`` computed as one ungrouped convolution per group.
-
-    Same arguments, kernel layout and result as the grouped convolution (group ``g`` of the
-    output features sees group ``g`` of the input features); only the program differs. On
-    XLA:CPU this is what makes ResNeXt trainable: a 3x3 convolution with 32 groups of 4
-    channels on 128x20x20 maps, forward and backward, took 16.5 s natively and 0.17 s split
-    on this project's 2-core machine (jax 0.10.2), the time of an ungrouped conv of its size.
-    Usable as ``nn.Conv(..., conv_general_dilated=conv_per_group)``.
-    """
-    if feature_group_count == 1:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
-                                        dimension_numbers=dimension_numbers, **kwargs)
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    inputs = jnp.split(lhs, feature_group_count, axis=dn.lhs_spec[1])
-    kernels = jnp.split(rhs, feature_group_count, axis=dn.rhs_spec[0])
-    outputs = [lax.conv_general_dilated(x, k, window_strides, padding, dimension_numbers=dn,
-                                        **kwargs) for x, k in zip(inputs, kernels, strict=True)]
-    return jnp.concatenate(outputs, axis=dn.out_spec[1])
-
-
-def conv_space_to_depth(
-    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any, *,
-    lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
-    feature_group_count: int = 1, **kwargs: Any,
-) -> jax.Array:
-    """``lax.conv_general_dilated`` of a stride-2 NHWC/HWIO convolution, computed as a stride-1
-    convolution on space-to-depth input (each 2x2 block of pixels becomes 4x the channels).
-
-    The kernel is zero-padded to an even size ``2m`` and rearranged into an ``m x m`` kernel on
-    ``4 * C`` channels, so the result (and, through autodiff, both gradients) equals the strided
-    convolution's up to the order of the sums. Why: with one input channel, as the chapter's
-    7x7/2 stem on Fashion-MNIST, cuDNN falls back to slow kernels (on an H200 the stem's weight
-    gradient ran in its legacy ``wgrad_alg0_engine``, 19% of all weight-gradient time). MLPerf's
-    ResNet-50 implementations use the same rewrite for their 3-channel stems. Anything other
-    than a plain stride-2 NHWC convolution is passed to ``lax.conv_general_dilated`` unchanged.
-    Usable as ``nn.Conv(..., conv_general_dilated=conv_space_to_depth)``.
-    """
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    plain = (tuple(window_strides) == (2, 2) and feature_group_count == 1
-             and not isinstance(padding, str)
-             and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
-             and dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                  ("NHWC", "HWIO", "NHWC")))
-    if not plain:
-        return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, **kwargs)
-    n, _, _, c = lhs.shape
-    kh, kw, _, out = rhs.shape
-    mh, mw = (kh + 1) // 2, (kw + 1) // 2
-    # Output size of the strided conv; the padded input is cut or extended (with zeros that
-    # only meet the kernel's zero padding) to exactly the 2 * (out - 1 + m) rows it reads.
-    sizes = [(size + lo + hi - k) // 2 + 1 for size, (lo, hi), k in
-             zip(lhs.shape[1:3], padding, (kh, kw), strict=True)]
-    ends = [2 * (o - 1 + m) - size - lo for o, m, size, (lo, _) in
-            zip(sizes, (mh, mw), lhs.shape[1:3], padding, strict=True)]
-    x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (padding[0][0], ends[0], 0),
-                                                (padding[1][0], ends[1], 0), (0, 0, 0)))
-    h2, w2 = x.shape[1] // 2, x.shape[2] // 2
-    x = x.reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, 4 * c)
-    k = jnp.pad(rhs, ((0, 2 * mh - kh), (0, 2 * mw - kw), (0, 0), (0, 0)))
-    k = k.reshape(mh, 2, mw, 2, c, out).transpose(0, 2, 1, 3, 4, 5).reshape(mh, mw, 4 * c, out)
-    return lax.conv_general_dilated(x, k, (1, 1), "VALID",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
-
-
-def resolve_grouped_conv(choice: str) -> str:
-    """``"native"`` or ``"split"``: ``choice`` itself, or for ``"auto"`` the default backend's."""
-    _check_choice("grouped_conv", choice, GROUPED_CONVS)
-    if choice == "auto":
-        return "split" if jax.default_backend() == "cpu" else "native"
-    return choice
-
-
-def resolve_stem_conv(choice: str, stem: str = "imagenet") -> str:
-    """``"direct"`` or ``"space_to_depth"``: ``choice`` itself, or for ``"auto"`` the default
-    backend's (direct on a CPU); always ``"direct"`` for the small stem's stride-1 conv."""
-    _check_choice("stem_conv", choice, STEM_CONVS)
-    if choice == "auto":
-        cpu = jax.default_backend() == "cpu"
-        return "direct" if stem != "imagenet" or cpu else "space_to_depth"
-    return choice
-
-
 class _Block(nn.Module):
     """Options shared by every block (keyword-only) and helpers to build its layers."""
 
@@ -192,6 +105,7 @@ class _Block(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     grouped_conv: str = "auto"  # how a conv with groups is computed; see the module docstring
+    conv: str = "auto"  # how every conv is computed; see the module docstring
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -201,19 +115,19 @@ class _Block(nn.Module):
     def __post_init__(self) -> None:
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("grouped_conv", self.grouped_conv, GROUPED_CONVS)
+        _check_choice("conv", self.conv, CONVS)
         super().__post_init__()
 
     def _conv(
         self, features: int, kernel: int, strides: int = 1, *, groups: int = 1, name: str,
         zero: bool = False,
     ) -> nn.Conv:
-        split = groups > 1 and resolve_grouped_conv(self.grouped_conv) == "split"
         return nn.Conv(
             features, (kernel, kernel), strides=(strides, strides), padding=_padding(kernel),
             feature_group_count=groups, use_bias=self.variant == "d2l",
             kernel_init=nn.initializers.zeros if zero else _conv_init(self.variant),
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-            conv_general_dilated=conv_per_group if split else None,
+            conv_general_dilated=conv_function(self.conv, self.grouped_conv, groups=groups),
         )
 
     def _bn(self, train: bool, *, name: str, zero: bool = False) -> nn.BatchNorm:
@@ -458,6 +372,7 @@ class ResNet(nn.Module):
         grouped_conv: how the grouped convs are computed (``GROUPED_CONVS``; module docstring).
         stem_conv: how the imagenet stem's 7x7/2 conv is computed (``STEM_CONVS``; module
             docstring).
+        conv: how every convolution is computed (``CONVS``; module docstring).
         shortcut: False removes every shortcut (the "plain" nets of the degradation experiment).
         variant, zero_init_residual, bn_momentum, bn_epsilon, dtype, param_dtype: see the module
             docstring and the blocks. ``bn_momentum`` is flax's (0.9 = PyTorch's 0.1).
@@ -477,6 +392,7 @@ class ResNet(nn.Module):
     base_width: int = 64
     grouped_conv: str = "auto"
     stem_conv: str = "auto"
+    conv: str = "auto"
     shortcut: bool = True
     variant: str = "d2l"
     zero_init_residual: bool = False
@@ -492,6 +408,7 @@ class ResNet(nn.Module):
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("grouped_conv", self.grouped_conv, GROUPED_CONVS)
         _check_choice("stem_conv", self.stem_conv, STEM_CONVS)
+        _check_choice("conv", self.conv, CONVS)
         if self.stem_conv == "space_to_depth" and self.stem != "imagenet":
             raise ValueError(f"stem_conv={self.stem_conv!r} applies to the imagenet stem only")
         for option in ("num_classes", "width", "cardinality", "base_width"):
@@ -535,6 +452,7 @@ class ResNet(nn.Module):
             shortcut=self.shortcut, variant=self.variant,
             zero_init_residual=self.zero_init_residual, bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+            conv=self.conv,
         )
         if block_cls.expansion > 1:
             common.update(cardinality=self.cardinality, base_width=self.base_width,
@@ -550,9 +468,8 @@ class ResNet(nn.Module):
             channels[0], (kernel, kernel), strides=(strides, strides), padding=_padding(kernel),
             use_bias=self.variant == "d2l", kernel_init=_conv_init(self.variant), dtype=self.dtype,
             param_dtype=self.param_dtype, name="conv1",
-            conv_general_dilated=(
-                conv_space_to_depth
-                if resolve_stem_conv(self.stem_conv, self.stem) == "space_to_depth" else None),
+            conv_general_dilated=conv_function(self.conv, space_to_depth=resolve_stem_conv(
+                self.stem_conv, self.stem) == "space_to_depth"),
         )(x)
         if not block_cls.preact:
             x = nn.relu(norm(name="bn1")(x))
@@ -620,7 +537,7 @@ _MODELS: dict[str, Callable[..., ResNet]] = {
 
 _OPTIONS = (
     "variant", "stem", "width", "zero_init_residual", "bn_momentum", "bn_epsilon", "dtype",
-    "param_dtype", "stem_conv",
+    "param_dtype", "stem_conv", "conv",
 )
 _BOTTLENECK_OPTIONS = ("cardinality", "base_width", "grouped_conv")
 
@@ -648,7 +565,7 @@ def create_model(name: str, *, num_classes: int = 10, **options: Any) -> ResNet:
 
     Options: ``variant`` ("d2l" | "torchvision"), ``stem`` ("imagenet" | "small"), ``width``,
     ``zero_init_residual``, ``bn_momentum``, ``bn_epsilon``, ``dtype``, ``param_dtype``,
-    ``stem_conv`` (see the module docstring); bottleneck
+    ``stem_conv``, ``conv`` (see the module docstring); bottleneck
     models also take ``grouped_conv`` (see the module docstring), ``cardinality`` and
     ``base_width``, the last two overriding the named ones, so any ResNeXt is a bottleneck model
     plus these two: ``create_model("resnet50", cardinality=32, base_width=4)`` is

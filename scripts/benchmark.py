@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from resnet_jax.cli import check_writable, main_guard, run_main  # noqa: E402
-from resnet_jax.models import GROUPED_CONVS, STEM_CONVS, STEMS  # noqa: E402
+from resnet_jax.models import CONVS, GROUPED_CONVS, STEM_CONVS, STEMS  # noqa: E402
 
 PROG = "benchmark.py"
 
@@ -74,6 +74,10 @@ def _precision(value: str) -> str | None:
     from resnet_jax.config import PRECISIONS
 
     return None if value in PRECISIONS else f"unknown; valid: {', '.join(PRECISIONS)}"
+
+
+def _conv(value: str) -> str | None:
+    return None if value in CONVS else f"unknown; valid: {', '.join(CONVS)}"
 
 
 def _flatten(lists: list[list] | None) -> list | None:
@@ -150,6 +154,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stem_conv", choices=STEM_CONVS, default="auto",
                         help="how the imagenet stem's 7x7/2 conv is computed (Config.stem_conv): "
                              "auto (default), direct or space_to_depth")
+    parser.add_argument("--conv", type=_list_of(str, "conv", _conv), **many,
+                        help="how every conv is computed (Config.conv): auto (default: "
+                             "by_size on a CPU, xla elsewhere), xla, im2col, by_size; several "
+                             "values compare them (--end_to_end: one)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per combination on stdout; the table then "
                              "goes to stderr")
@@ -169,6 +177,7 @@ def _defaults(args: argparse.Namespace, accelerator: bool) -> dict:
         "arch": _flatten(args.arch) or ["resnet18"],
         "batch_size": _flatten(args.batch_size) or pick([32], [128, 1024]),
         "precision": _flatten(args.precision) or pick(["fp32"], ["fp32", "bf16"]),
+        "conv": _flatten(args.conv) or ["auto"],
         "steps_per_dispatch": _flatten(args.steps_per_dispatch) or pick([1], [1, 50]),
         "image_size": args.image_size or pick(32, 96),
         "steps": args.steps or pick(3, 50),
@@ -198,9 +207,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
               "train_examples": d["train_examples"], "eval_examples": d["eval_examples"]}
     # Cases differing only in steps per dispatch are adjacent: they share one state and one
     # jitted loop (the in-jit loop takes its step count as a traced value: one compilation).
-    cases = [benchmark.Case(arch=a, batch_size=b, precision=p, steps_per_dispatch=s, **common)
+    cases = [benchmark.Case(arch=a, batch_size=b, precision=p, conv=c, steps_per_dispatch=s,
+                            **common)
              for a in d["arch"] for b in d["batch_size"] for p in d["precision"]
-             for s in d["steps_per_dispatch"]]
+             for c in d["conv"] for s in d["steps_per_dispatch"]]
     mesh = make_mesh()
     for case in cases:  # every flag error before any output or compilation
         benchmark.check_case(case, mesh)
@@ -234,7 +244,7 @@ def run_end_to_end(args: argparse.Namespace) -> int:
     from resnet_jax.errors import UserError
 
     single: dict[str, Any] = {}
-    for name in ("arch", "batch_size", "precision", "steps_per_dispatch"):
+    for name in ("arch", "batch_size", "precision", "steps_per_dispatch", "conv"):
         values = _flatten(getattr(args, name))
         if values is not None and len(values) != 1:
             raise UserError(f"--end_to_end takes one --{name}, got {len(values)}")

@@ -169,6 +169,7 @@ def test_package_top_level():
     # The README's API table is importable from the top, and the submodules load on first use.
     assert resnet_jax.conv_per_group is models.conv_per_group
     assert resnet_jax.conv_space_to_depth is models.conv_space_to_depth
+    assert resnet_jax.conv_im2col is models.conv_im2col
     assert callable(resnet_jax.train.train_step)
     files = {p.stem for p in Path(resnet_jax.__file__).parent.glob("*.py")} - {"__init__"}
     assert files <= set(dir(resnet_jax)), files - set(dir(resnet_jax))
@@ -463,131 +464,6 @@ def test_grouped_conv_equals_split_convolutions(kind, impl):
     ]
     expected = jnp.concatenate(parts, axis=-1) + p.get("bias", 0.0)
     np.testing.assert_allclose(inter["conv2"], expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("layout", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")])
-@pytest.mark.parametrize("groups, strides", [(2, 1), (4, 2), (8, 1)])
-def test_conv_per_group_is_lax_grouped_conv_with_its_gradients(groups, strides, layout):
-    rng = np.random.default_rng(groups)
-    x = rng.normal(size=(2, 7, 7, 16))  # NHWC, and a kernel HWIO: 16 in, 24 out
-    k = rng.normal(size=(3, 3, 16 // groups, 24))
-    if layout[0] == "NCHW":
-        x, k = x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1)
-
-    def loss(conv_fn, x, k):
-        y = conv_fn(x, k, (strides, strides), ((1, 1), (1, 1)), feature_group_count=groups,
-                    dimension_numbers=layout, precision=HIGHEST)
-        return jnp.sum(jnp.sin(y)), y
-
-    with jax.enable_x64(True):  # float64: equal up to the order of the sums (1e-12)
-        x, k = jnp.asarray(x, jnp.float64), jnp.asarray(k, jnp.float64)
-        (_, want), want_grads = jax.value_and_grad(
-            functools.partial(loss, lax.conv_general_dilated), (0, 1), has_aux=True)(x, k)
-        (_, got), got_grads = jax.value_and_grad(
-            functools.partial(loss, models.conv_per_group), (0, 1), has_aux=True)(x, k)
-    chex.assert_trees_all_close((got, got_grads), (want, want_grads), rtol=1e-12, atol=1e-12)
-
-
-def test_split_and_native_resnext_share_parameters_and_results():
-    f64 = {"dtype": jnp.float64, "param_dtype": jnp.float64}
-    # Two stages of one ResNeXt block each (a strided one among them): 16 channels in 8 groups.
-    nets = {impl: models.ResNet(((1, 64), (1, 128)), "bottleneck", cardinality=8, base_width=8,
-                                width=16, stem="small", grouped_conv=impl, **f64)
-            for impl in ("native", "split")}
-
-    def loss(net, variables, x):
-        logits, _ = net.apply(variables, x, train=True, mutable=["batch_stats"])
-        return jnp.mean(logits**2)
-
-    # float64: both programs sum in different orders, and train-mode BN in a 50-layer net
-    # amplifies float32 rounding past any tolerance that would still catch a wrong group.
-    with jax.enable_x64(True):
-        x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 1)))
-        inits = {i: jax.jit(functools.partial(net.init, train=False))(jax.random.key(0), x)
-                 for i, net in nets.items()}
-        chex.assert_trees_all_equal(inits["native"], inits["split"])  # names, shapes, values
-        results = {i: jax.jit(jax.value_and_grad(functools.partial(loss, net)))(inits["native"], x)
-                   for i, net in nets.items()}
-        # The split program has no grouped convolution left; the native one keeps XLA's.
-        jaxprs = {i: str(jax.make_jaxpr(functools.partial(loss, net))(inits["native"], x))
-                  for i, net in nets.items()}
-    chex.assert_trees_all_close(results["split"], results["native"], rtol=1e-9, atol=1e-12)
-    assert "feature_group_count=8" in jaxprs["native"]
-    assert "feature_group_count=8" not in jaxprs["split"]
-
-
-def test_grouped_conv_auto_splits_on_a_cpu_only():
-    assert models.resolve_grouped_conv("auto") == (
-        "split" if jax.default_backend() == "cpu" else "native")
-    assert [models.resolve_grouped_conv(c) for c in ("native", "split")] == ["native", "split"]
-
-
-@pytest.mark.parametrize("size, channels, kernel, padding", [
-    ((96, 96), 1, 7, ((3, 3), (3, 3))),  # the chapter's stem
-    ((28, 28), 1, 7, ((3, 3), (3, 3))),
-    ((29, 30), 3, 7, ((3, 3), (3, 3))),  # odd and even sides
-    ((9, 8), 2, 4, ((1, 2), (0, 1))),  # even kernel, uneven padding
-    ((10, 10), 1, 1, ((0, 0), (0, 0))),
-])
-def test_conv_space_to_depth_is_the_strided_conv_with_its_gradients(size, channels, kernel,
-                                                                     padding):
-    rng = np.random.default_rng(kernel)
-    dn = ("NHWC", "HWIO", "NHWC")
-
-    def loss(conv_fn, x, k):
-        y = conv_fn(x, k, (2, 2), padding, dimension_numbers=dn, precision=HIGHEST)
-        return jnp.sum(jnp.sin(y)), y
-
-    with jax.enable_x64(True):  # float64: equal up to the order of the sums
-        x = jnp.asarray(rng.normal(size=(2, *size, channels)))
-        k = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 5)))
-        (_, want), want_grads = jax.value_and_grad(
-            functools.partial(loss, lax.conv_general_dilated), (0, 1), has_aux=True)(x, k)
-        (_, got), got_grads = jax.value_and_grad(
-            functools.partial(loss, models.conv_space_to_depth), (0, 1), has_aux=True)(x, k)
-        jaxpr = str(jax.make_jaxpr(functools.partial(loss, models.conv_space_to_depth))(x, k))
-    chex.assert_trees_all_close((got, got_grads), (want, want_grads), rtol=1e-12, atol=1e-11)
-    assert "window_strides=(1, 1)" in jaxpr and "window_strides=(2, 2)" not in jaxpr
-
-
-def test_space_to_depth_stem_gives_the_same_network():
-    f64 = {"dtype": jnp.float64, "param_dtype": jnp.float64}
-    nets = {impl: models.create_model("resnet18", width=8, stem_conv=impl, **f64)
-            for impl in models.STEM_CONVS}
-
-    def loss(net, variables, x):
-        logits, _ = net.apply(variables, x, train=True, mutable=["batch_stats"])
-        return jnp.mean(logits**2)
-
-    with jax.enable_x64(True):
-        x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 32, 32, 1)))
-        inits = {i: net.init(jax.random.key(0), x, train=False) for i, net in nets.items()}
-        chex.assert_trees_all_equal(inits["direct"], inits["space_to_depth"])
-        results = {i: jax.jit(jax.value_and_grad(functools.partial(loss, net)))(inits["direct"],
-                                                                                  x)
-                   for i, net in nets.items()}
-    chex.assert_trees_all_close(results["space_to_depth"], results["direct"], rtol=1e-9,
-                                atol=1e-12)
-
-
-def _strided_convs(**options) -> int:
-    """How many stride-2 convolutions a width-8 ResNet-18's forward pass runs."""
-    net = models.create_model("resnet18", width=8, **options)
-    jaxpr = jax.make_jaxpr(lambda x: net.init_with_output(jax.random.key(0), x, train=False)[0])
-    return str(jaxpr(jnp.zeros((2, 32, 32, 1)))).count("window_strides=(2, 2)")
-
-
-def test_auto_stem_conv_is_space_to_depth_except_on_a_cpu():
-    off_cpu = jax.default_backend() != "cpu"
-    assert models.resolve_stem_conv("auto") == ("space_to_depth" if off_cpu else "direct")
-    assert models.resolve_stem_conv("auto", stem="small") == "direct"
-    assert [models.resolve_stem_conv(c) for c in ("direct", "space_to_depth")] == [
-        "direct", "space_to_depth"]
-    assert models.create_model("resnet18").stem_conv == "auto"
-    # space_to_depth computes the stem without a strided conv; auto is what it resolves to.
-    assert _strided_convs(stem_conv="direct") - _strided_convs(stem_conv="space_to_depth") == 1
-    assert _strided_convs() == _strided_convs(stem_conv=models.resolve_stem_conv("auto"))
-    assert _strided_convs(stem="small") == _strided_convs(stem="small", stem_conv="direct")
 
 
 # ---------------------------------------------------------------------------------------------

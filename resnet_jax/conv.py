@@ -1,0 +1,237 @@
+"""Convolutions: one function, several programs, chosen per backend.
+
+Every function here computes ``lax.conv_general_dilated`` for the layouts the models use (NHWC
+input, HWIO kernel), with the same parameters and, up to the order of the sums, the same values
+and gradients; only the program that XLA runs differs. The models pick one through three
+options, each with an ``"auto"`` default resolved from the backend (:func:`resolve_conv`,
+:func:`resolve_grouped_conv`, :func:`resolve_stem_conv`), so that GPU and TPU programs stay XLA's
+own convolutions while a CPU gets what is fast there:
+
+* ``conv``: ``"xla"`` (``lax.conv_general_dilated``), ``"im2col"`` (:func:`conv_im2col`: the
+  shifted windows of the padded input stacked on the channel axis, times the kernel as one
+  matrix) or ``"by_size"`` (im2col for convolutions of at least ``IM2COL_MIN_FLOPS``, XLA's
+  below). In a train step on XLA:CPU, im2col ran the chapter's ResNet-18 2-4x faster at
+  28x28-32x32 (benchmarks.md); for tiny convolutions (a few MFLOP, as in unit tests) it was
+  slower and took ~1.7x longer to compile. ``"auto"`` is ``"by_size"`` on a CPU, ``"xla"``
+  elsewhere.
+* ``grouped_conv`` (convs with groups, ResNeXt, under ``conv="xla"``): ``"native"``
+  (``feature_group_count``) or ``"split"`` (:func:`conv_per_group`); ``"auto"`` splits on a CPU.
+  Under ``conv="im2col"`` groups are a batched matrix product and this option has no effect.
+* ``stem_conv`` (the imagenet stem's 7x7/2 conv): ``"direct"`` or ``"space_to_depth"``
+  (:func:`conv_space_to_depth`); ``"auto"`` is direct on a CPU and for the small stem.
+
+:func:`conv_function` turns the resolved choices into the callable ``nn.Conv`` takes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONVS = ("auto", "xla", "im2col", "by_size")
+# Forward FLOPs of one call (2 * N * H' * W' * kh * kw * C/groups * O) from which "by_size"
+# takes im2col: the tiny convs of a TINY test model (~2 MFLOP) ran faster and compiled
+# faster as XLA's; the quick preset's (~30-150 MFLOP) 2-3x faster as im2col.
+IM2COL_MIN_FLOPS = 10e6
+GROUPED_CONVS = ("auto", "native", "split")
+STEM_CONVS = ("auto", "direct", "space_to_depth")
+
+ConvFn = Callable[..., jax.Array]
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _check(option: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"{option}={value!r} is not valid; valid values: {', '.join(valid)}")
+
+
+def _on_cpu(backend: str | None) -> bool:
+    return (backend or jax.default_backend()) == "cpu"
+
+
+def resolve_conv(choice: str, backend: str | None = None) -> str:
+    """``"xla"``, ``"im2col"`` or ``"by_size"``: ``choice`` itself, or for ``"auto"`` the
+    backend's (``backend``, default ``jax.default_backend()``): by size on a CPU, XLA's
+    convolutions elsewhere."""
+    _check("conv", choice, CONVS)
+    if choice == "auto":
+        return "by_size" if _on_cpu(backend) else "xla"
+    return choice
+
+
+def resolve_grouped_conv(choice: str, backend: str | None = None) -> str:
+    """``"native"`` or ``"split"``: ``choice`` itself, or for ``"auto"`` the backend's (split on a
+    CPU, where XLA's grouped convolution is many times slower; cuDNN implements groups itself)."""
+    _check("grouped_conv", choice, GROUPED_CONVS)
+    if choice == "auto":
+        return "split" if _on_cpu(backend) else "native"
+    return choice
+
+
+def resolve_stem_conv(choice: str, stem: str = "imagenet", backend: str | None = None) -> str:
+    """``"direct"`` or ``"space_to_depth"``: ``choice`` itself, or for ``"auto"`` the backend's
+    (direct on a CPU); always ``"direct"`` for the small stem's stride-1 conv."""
+    _check("stem_conv", choice, STEM_CONVS)
+    if choice == "auto":
+        return "direct" if stem != "imagenet" or _on_cpu(backend) else "space_to_depth"
+    return choice
+
+
+def conv_function(conv: str, grouped_conv: str = "auto", *, groups: int = 1,
+                  space_to_depth: bool = False) -> ConvFn | None:
+    """The ``conv_general_dilated`` for ``nn.Conv``: None (flax's default, XLA's convolution) or
+    one of this module's functions, for resolved or ``"auto"`` choices."""
+    xla = conv_per_group if groups > 1 and resolve_grouped_conv(grouped_conv) == "split" else None
+    inner = {"xla": xla, "im2col": conv_im2col,
+             "by_size": functools.partial(conv_by_size, xla=xla or lax.conv_general_dilated)
+             }[resolve_conv(conv)]
+    if space_to_depth:
+        return functools.partial(conv_space_to_depth, inner=inner or lax.conv_general_dilated)
+    return inner
+
+
+def _is_plain_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
+                   lhs_dilation: Any, rhs_dilation: Any) -> bool:
+    undilated = all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation))
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return undilated and dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+
+
+def conv_im2col(
+    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any, *,
+    lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
+    feature_group_count: int = 1, precision: Any = None, preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` of an NHWC/HWIO convolution as one matrix product (im2col).
+
+    The ``kh * kw`` strided windows of the padded input are stacked on the channel axis, in the
+    kernel's (row, column, channel) order, so that the convolution is that ``(N, H', W', kh*kw*C)``
+    array times the kernel reshaped to ``(kh*kw*C, O)``; with groups, a product batched over
+    the groups. Autodiff gives both gradients as matrix products plus slices and pads. Why: on
+    XLA:CPU this trained the chapter's ResNet-18 ~3x faster at 28x28-32x32 than XLA's own
+    convolutions (benchmarks.md), whose gradient kernels are slow there. It costs memory: the
+    stacked windows of every conv (kh*kw times its input) are kept for the backward pass.
+    Dilated or non-NHWC convolutions go to ``lax.conv_general_dilated`` unchanged. Usable as
+    ``nn.Conv(..., conv_general_dilated=conv_im2col)``.
+    """
+    if not _is_plain_nhwc(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation):
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision,
+            preferred_element_type=preferred_element_type)
+    n, h, w, c = lhs.shape
+    kh, kw, cg, out = rhs.shape
+    sh, sw = window_strides
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
+    (top, bottom), (left, right) = padding
+    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+    x = lax.pad(lhs, jnp.zeros((), lhs.dtype),
+                ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    windows = [lax.slice(x, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
+                         (1, sh, sw, 1))
+               for i in range(kh) for j in range(kw)]
+    patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    g = feature_group_count
+    # (kh*kw, C/G, G, O/G): the output features of group g are the g-th run of O/G.
+    kernel = rhs.reshape(kh * kw, cg, g, out // g)
+    patches = patches.reshape(n, oh, ow, kh * kw, g, cg)
+    y = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, precision=precision,
+                   preferred_element_type=preferred_element_type)
+    return y.reshape(n, oh, ow, out)
+
+
+def conv_flops(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int],
+               padding: Any) -> float:
+    """Forward FLOPs of an NHWC/HWIO convolution (a multiply-add counts 2)."""
+    n, h, w, _ = lhs_shape
+    kh, kw, cg, out = rhs_shape
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
+    (top, bottom), (left, right) = padding
+    oh = (h + top + bottom - kh) // window_strides[0] + 1
+    ow = (w + left + right - kw) // window_strides[1] + 1
+    return 2.0 * n * oh * ow * kh * kw * cg * out
+
+
+def conv_by_size(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any, *,
+                 xla: ConvFn = lax.conv_general_dilated, **kwargs: Any) -> jax.Array:
+    """:func:`conv_im2col` for a convolution of at least ``IM2COL_MIN_FLOPS``, else ``xla``
+    (decided at trace time from the static shapes)."""
+    big = (_is_plain_nhwc(lhs, rhs, kwargs.get("dimension_numbers"), kwargs.get("lhs_dilation"),
+                          kwargs.get("rhs_dilation"))
+           and conv_flops(lhs.shape, rhs.shape, window_strides, padding) >= IM2COL_MIN_FLOPS)
+    return (conv_im2col if big else xla)(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def conv_per_group(
+    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any, *,
+    feature_group_count: int = 1, dimension_numbers: Any = None, **kwargs: Any,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` computed as one ungrouped convolution per group.
+
+    Same arguments, kernel layout and result as the grouped convolution (group ``g`` of the
+    output features sees group ``g`` of the input features); only the program differs. On
+    XLA:CPU this is what makes ResNeXt trainable with XLA's convolutions: a 3x3 convolution with
+    32 groups of 4 channels on 128x20x20 maps, forward and backward, took 16.5 s natively and
+    0.17 s split on this project's 2-core machine (jax 0.10.2), the time of an ungrouped conv of
+    its size. Usable as ``nn.Conv(..., conv_general_dilated=conv_per_group)``.
+    """
+    if feature_group_count == 1:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                        dimension_numbers=dimension_numbers, **kwargs)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    inputs = jnp.split(lhs, feature_group_count, axis=dn.lhs_spec[1])
+    kernels = jnp.split(rhs, feature_group_count, axis=dn.rhs_spec[0])
+    outputs = [lax.conv_general_dilated(x, k, window_strides, padding, dimension_numbers=dn,
+                                        **kwargs) for x, k in zip(inputs, kernels, strict=True)]
+    return jnp.concatenate(outputs, axis=dn.out_spec[1])
+
+
+def conv_space_to_depth(
+    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any, *,
+    lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
+    feature_group_count: int = 1, inner: ConvFn = lax.conv_general_dilated, **kwargs: Any,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` of a stride-2 NHWC/HWIO convolution, computed as a stride-1
+    convolution (by ``inner``) on space-to-depth input (each 2x2 block of pixels becomes 4x the
+    channels).
+
+    The kernel is zero-padded to an even size ``2m`` and rearranged into an ``m x m`` kernel on
+    ``4 * C`` channels, so the result (and, through autodiff, both gradients) equals the strided
+    convolution's up to the order of the sums. Why: with one input channel, as the chapter's
+    7x7/2 stem on Fashion-MNIST, cuDNN falls back to slow kernels (on an H200 the stem's weight
+    gradient ran in its legacy ``wgrad_alg0_engine``, 19% of all weight-gradient time). MLPerf's
+    ResNet-50 implementations use the same rewrite for their 3-channel stems. Anything other
+    than a plain stride-2 NHWC convolution is passed to ``inner`` unchanged.
+    Usable as ``nn.Conv(..., conv_general_dilated=conv_space_to_depth)``.
+    """
+    plain = (tuple(window_strides) == (2, 2) and feature_group_count == 1
+             and not isinstance(padding, str)
+             and _is_plain_nhwc(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation))
+    if not plain:
+        return inner(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                     feature_group_count=feature_group_count, **kwargs)
+    n, _, _, c = lhs.shape
+    kh, kw, _, out = rhs.shape
+    mh, mw = (kh + 1) // 2, (kw + 1) // 2
+    # Output size of the strided conv; the padded input is cut or extended (with zeros that
+    # only meet the kernel's zero padding) to exactly the 2 * (out - 1 + m) rows it reads.
+    sizes = [(size + lo + hi - k) // 2 + 1 for size, (lo, hi), k in
+             zip(lhs.shape[1:3], padding, (kh, kw), strict=True)]
+    ends = [2 * (o - 1 + m) - size - lo for o, m, size, (lo, _) in
+            zip(sizes, (mh, mw), lhs.shape[1:3], padding, strict=True)]
+    x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (padding[0][0], ends[0], 0),
+                                                (padding[1][0], ends[1], 0), (0, 0, 0)))
+    h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+    x = x.reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, 4 * c)
+    k = jnp.pad(rhs, ((0, 2 * mh - kh), (0, 2 * mw - kw), (0, 0), (0, 0)))
+    k = k.reshape(mh, 2, mw, 2, c, out).transpose(0, 2, 1, 3, 4, 5).reshape(mh, mw, 4 * c, out)
+    return inner(x, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=_NHWC, **kwargs)

@@ -1,0 +1,262 @@
+"""Tests for resnet_jax.conv: every alternative convolution is ``lax.conv_general_dilated``.
+
+Functions are compared in float64, values and both gradients, so that only the order of the sums
+may differ (1e-12); whole networks likewise. The backend defaults are checked by handing each
+resolver the backend, not by asking the one this test runs on.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from resnet_jax import conv, models
+from resnet_jax.train import create_train_state, train_step
+
+HIGHEST = lax.Precision.HIGHEST
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _loss(conv_fn, strides, padding, groups, layout, x, k):
+    y = conv_fn(x, k, strides, padding, feature_group_count=groups, dimension_numbers=layout,
+                precision=HIGHEST)
+    return jnp.sum(jnp.sin(y)), y
+
+
+def _value_and_grads(conv_fn, x, k, *, strides, padding, groups=1, layout=NHWC):
+    f = functools.partial(_loss, conv_fn, strides, padding, groups, layout)
+    (_, y), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(x, k)
+    return y, grads
+
+
+# Every conv shape of the model family: 1x1 / 3x3 / 7x7, strides 1 and 2, grouped, the stems'.
+IM2COL_CASES = {
+    "1x1/1": (1, 1, 1, 16, 24, (9, 9), ((0, 0), (0, 0))),
+    "1x1/2 projection": (1, 2, 1, 16, 24, (9, 9), ((0, 0), (0, 0))),
+    "3x3/1": (3, 1, 1, 8, 8, (10, 10), ((1, 1), (1, 1))),
+    "3x3/2": (3, 2, 1, 8, 16, (11, 10), ((1, 1), (1, 1))),
+    "7x7/2 imagenet stem": (7, 2, 1, 1, 8, (20, 21), ((3, 3), (3, 3))),
+    "3x3/1 small stem": (3, 1, 1, 1, 8, (12, 12), ((1, 1), (1, 1))),
+    "3x3/1 grouped": (3, 1, 4, 16, 16, (8, 8), ((1, 1), (1, 1))),
+    "3x3/2 grouped": (3, 2, 8, 16, 32, (9, 9), ((1, 1), (1, 1))),
+    "4x4/1 space-to-depth stem": (4, 1, 1, 4, 8, (13, 13), ((0, 0), (0, 0))),
+}
+
+
+@pytest.mark.parametrize("case", IM2COL_CASES.values(), ids=IM2COL_CASES.keys())
+def test_conv_im2col_is_lax_conv_with_its_gradients(case):
+    kernel, stride, groups, cin, cout, size, padding = case
+    rng = np.random.default_rng(kernel * 10 + stride)
+    with jax.enable_x64(True):  # float64: equal up to the order of the sums
+        x = jnp.asarray(rng.normal(size=(2, *size, cin)))
+        k = jnp.asarray(rng.normal(size=(kernel, kernel, cin // groups, cout)))
+        args = {"strides": (stride, stride), "padding": padding, "groups": groups}
+        want = _value_and_grads(lax.conv_general_dilated, x, k, **args)
+        got = _value_and_grads(conv.conv_im2col, x, k, **args)
+        jaxpr = str(jax.make_jaxpr(functools.partial(
+            _loss, conv.conv_im2col, (stride, stride), padding, groups, NHWC))(x, k))
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-11)
+    assert "conv_general_dilated" not in jaxpr  # a matrix product, not XLA's convolution
+
+
+def test_conv_im2col_in_bf16_is_as_close_as_xla_to_float64():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 12, 12, 16))
+    k = rng.normal(size=(3, 3, 16, 32)) / 12
+    args = {"strides": (2, 2), "padding": ((1, 1), (1, 1))}
+    with jax.enable_x64(True):
+        exact = _value_and_grads(lax.conv_general_dilated, jnp.asarray(x), jnp.asarray(k), **args)
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, k)]
+    got = _value_and_grads(conv.conv_im2col, *bf16, **args)
+    xla = _value_and_grads(lax.conv_general_dilated, *bf16, **args)
+    assert got[0].dtype == xla[0].dtype == jnp.bfloat16
+
+    def error(tree):
+        pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(exact), strict=True)
+        return max(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b)))
+                   / np.max(np.abs(np.asarray(b))) for a, b in pairs)
+
+    # bf16 keeps 8 significant bits (relative rounding 2^-8 = 0.0039).
+    assert error(got) < 0.02 and error(got) < 2 * error(xla) + 0.004, (error(got), error(xla))
+
+
+def test_conv_im2col_leaves_what_it_does_not_rewrite_to_xla():
+    x, k = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+    dilated = jax.make_jaxpr(lambda x, k: conv.conv_im2col(
+        x, k, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=NHWC))(x, k)
+    assert "conv_general_dilated" in str(dilated)
+    nchw = jax.make_jaxpr(lambda x, k: conv.conv_im2col(
+        x, k, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")))(
+        x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1))
+    assert "conv_general_dilated" in str(nchw)
+
+
+@pytest.mark.parametrize("layout", [NHWC, ("NCHW", "OIHW", "NCHW")])
+@pytest.mark.parametrize("groups, strides", [(2, 1), (4, 2), (8, 1)])
+def test_conv_per_group_is_lax_grouped_conv_with_its_gradients(groups, strides, layout):
+    rng = np.random.default_rng(groups)
+    x = rng.normal(size=(2, 7, 7, 16))  # NHWC, and a kernel HWIO: 16 in, 24 out
+    k = rng.normal(size=(3, 3, 16 // groups, 24))
+    if layout[0] == "NCHW":
+        x, k = x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1)
+    args = {"strides": (strides, strides), "padding": ((1, 1), (1, 1)), "groups": groups,
+            "layout": layout}
+    with jax.enable_x64(True):  # float64: equal up to the order of the sums (1e-12)
+        x, k = jnp.asarray(x, jnp.float64), jnp.asarray(k, jnp.float64)
+        want = _value_and_grads(lax.conv_general_dilated, x, k, **args)
+        got = _value_and_grads(conv.conv_per_group, x, k, **args)
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("inner", [lax.conv_general_dilated, conv.conv_im2col])
+@pytest.mark.parametrize("size, channels, kernel, padding", [
+    ((96, 96), 1, 7, ((3, 3), (3, 3))),  # the chapter's stem
+    ((28, 28), 1, 7, ((3, 3), (3, 3))),
+    ((29, 30), 3, 7, ((3, 3), (3, 3))),  # odd and even sides
+    ((9, 8), 2, 4, ((1, 2), (0, 1))),  # even kernel, uneven padding
+    ((10, 10), 1, 1, ((0, 0), (0, 0))),
+])
+def test_conv_space_to_depth_is_the_strided_conv_with_its_gradients(size, channels, kernel,
+                                                                     padding, inner):
+    rng = np.random.default_rng(kernel)
+    s2d = functools.partial(conv.conv_space_to_depth, inner=inner)
+    args = {"strides": (2, 2), "padding": padding}
+    with jax.enable_x64(True):  # float64: equal up to the order of the sums
+        x = jnp.asarray(rng.normal(size=(2, *size, channels)))
+        k = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 5)))
+        want = _value_and_grads(lax.conv_general_dilated, x, k, **args)
+        got = _value_and_grads(s2d, x, k, **args)
+        jaxpr = str(jax.make_jaxpr(functools.partial(
+            _loss, s2d, (2, 2), padding, 1, NHWC))(x, k))
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-11)
+    assert "window_strides=(2, 2)" not in jaxpr
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole networks: every choice is the same function with the same parameters
+# ---------------------------------------------------------------------------------------------
+
+F64 = {"dtype": jnp.float64, "param_dtype": jnp.float64}
+NETWORKS = {
+    # name: (model builder, input side, the choices to compare)
+    "resnet18 imagenet stem": (
+        functools.partial(models.create_model, "resnet18", width=8), 32,
+        [{"conv": "xla", "stem_conv": "direct"}, {"conv": "xla", "stem_conv": "space_to_depth"},
+         {"conv": "im2col", "stem_conv": "direct"},
+         {"conv": "im2col", "stem_conv": "space_to_depth"}]),
+    "resnext small stem": (
+        functools.partial(models.ResNet, ((1, 64), (1, 128)), "bottleneck", cardinality=8,
+                          base_width=8, width=16, stem="small"), 8,
+        [{"conv": "xla", "grouped_conv": "native"}, {"conv": "xla", "grouped_conv": "split"},
+         {"conv": "im2col"}]),
+    "preact_resnet18 torchvision": (
+        functools.partial(models.create_model, "preact_resnet18", width=8,
+                          variant="torchvision"), 32,
+        [{"conv": "xla"}, {"conv": "im2col"}]),
+}
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_every_conv_choice_gives_the_same_network(name):
+    build, side, choices = NETWORKS[name]
+    nets = [build(**choice, **F64) for choice in choices]
+
+    def loss(net, variables, x):
+        logits, _ = net.apply(variables, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(logits**2)
+
+    # float64: the programs sum in different orders, and train-mode BN in a deep net amplifies
+    # float32 rounding past any tolerance that would still catch a wrong window or group.
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(5).normal(size=(4, side, side, 1)))
+        inits = [jax.jit(functools.partial(net.init, train=False))(jax.random.key(0), x)
+                 for net in nets]
+        for other in inits[1:]:
+            chex.assert_trees_all_equal(other, inits[0])  # names, shapes, values
+        results = [jax.jit(jax.value_and_grad(functools.partial(loss, net)))(inits[0], x)
+                   for net in nets]
+    for choice, result in zip(choices[1:], results[1:], strict=True):
+        chex.assert_trees_all_close(result, results[0], rtol=1e-9, atol=1e-12,
+                                    custom_message=str(choice))
+
+
+def test_by_size_takes_im2col_from_its_threshold_on():
+    def program(n):  # a 3x3 conv of 64 channels on n 8x8 maps: 4.7 MFLOP per example
+        x, k = jnp.ones((n, 8, 8, 64)), jnp.ones((3, 3, 64, 64))
+        assert conv.conv_flops(x.shape, k.shape, (1, 1), ((1, 1), (1, 1))) == n * 2 * 64 * 576 * 64
+        return str(jax.make_jaxpr(lambda x, k: conv.conv_by_size(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))(x, k))
+
+    assert 2 * 4718592 < conv.IM2COL_MIN_FLOPS < 3 * 4718592  # (the sizes below straddle it)
+    assert "conv_general_dilated" in program(2)
+    assert "conv_general_dilated" not in program(3)
+
+
+def _primitives(**options) -> str:
+    net = models.create_model("resnet18", width=8, **options)
+    jaxpr = jax.make_jaxpr(lambda x: net.init_with_output(jax.random.key(0), x, train=False)[0])
+    return str(jaxpr(jnp.zeros((2, 32, 32, 1))))
+
+
+def test_the_choices_reach_the_program():
+    # im2col leaves no convolution; XLA's convs keep one per layer (20 in ResNet-18: the stem,
+    # 16 in the blocks, 3 projections); space-to-depth computes the stem without a stride.
+    assert _primitives(conv="im2col").count("conv_general_dilated") == 0
+    # (at 32x32 and batch 2, every conv of a width-8 ResNet-18 is below the threshold)
+    assert _primitives(conv="by_size") == _primitives(conv="xla")
+    assert _primitives(conv="xla", stem_conv="direct").count("conv_general_dilated") == 20
+    strided = {s: _primitives(conv="xla", stem_conv=s).count("window_strides=(2, 2)")
+               for s in ("direct", "space_to_depth")}
+    assert strided == {"direct": 7, "space_to_depth": 6}
+    assert _primitives(conv="xla", stem="small", stem_conv="auto").count(
+        "window_strides=(2, 2)") == 6
+    assert models.create_model("resnet18").conv == "auto"
+
+
+@pytest.mark.parametrize("backend, want", [
+    ("cpu", {"conv": "by_size", "grouped_conv": "split", "stem_conv": "direct"}),
+    ("gpu", {"conv": "xla", "grouped_conv": "native", "stem_conv": "space_to_depth"}),
+    ("tpu", {"conv": "xla", "grouped_conv": "native", "stem_conv": "space_to_depth"}),
+])
+def test_auto_resolves_per_backend(backend, want):
+    got = {"conv": conv.resolve_conv("auto", backend),
+           "grouped_conv": conv.resolve_grouped_conv("auto", backend),
+           "stem_conv": conv.resolve_stem_conv("auto", "imagenet", backend)}
+    assert got == want
+    assert conv.resolve_stem_conv("auto", "small", backend) == "direct"
+    for resolve, choices in ((conv.resolve_conv, conv.CONVS),
+                             (conv.resolve_grouped_conv, conv.GROUPED_CONVS),
+                             (conv.resolve_stem_conv, conv.STEM_CONVS)):
+        forced = [c for c in choices if c != "auto"]
+        assert [resolve(c, backend=backend) for c in forced] == forced  # a forced choice stays
+    with pytest.raises(ValueError, match="conv='fft' is not valid"):
+        conv.resolve_conv("fft", backend)
+
+
+def test_auto_is_the_default_backends_choice():
+    # The models resolve "auto" with the backend JAX runs on: here, the one of this test run.
+    backend = jax.default_backend()
+    auto = _primitives(conv="auto", stem_conv="auto")
+    forced = _primitives(conv=conv.resolve_conv("auto", backend),
+                         stem_conv=conv.resolve_stem_conv("auto", "imagenet", backend))
+    assert auto == forced
+
+
+def test_one_train_step_is_the_same_with_every_conv_choice():
+    # float32, as users train: equal up to float32 rounding after one SGD step.
+    x = jnp.asarray(np.random.default_rng(1).random(size=(8, 16, 16, 1)), jnp.float32)
+    batch = {"image": x, "label": jnp.arange(8) % 10}
+    states = {}
+    for choice in ("xla", "im2col"):
+        model = models.create_model("resnet18", width=8, stem="small", conv=choice)
+        state = create_train_state(model, optax.sgd(0.01), jax.random.key(0), x.shape)
+        states[choice] = jax.jit(train_step)(state, batch)
+    (xla, m_xla), (im2col, m_im2col) = states["xla"], states["im2col"]
+    np.testing.assert_allclose(m_im2col["loss"], m_xla["loss"], rtol=1e-5)
+    chex.assert_trees_all_close(im2col.params, xla.params, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(im2col.batch_stats, xla.batch_stats, rtol=1e-4, atol=1e-6)
