@@ -31,8 +31,8 @@ _EXPORTS = {name: "resnet_jax.errors" if name == "UserError" else "resnet_jax.mo
             for name in __all__}
 # The submodules, also loaded on first use: `resnet_jax.train.train_step` after `import resnet_jax`.
 _SUBMODULES = frozenset({"benchmark", "checkpoint", "cli", "config", "conv", "data",
-                         "distributed",
-                         "errors", "experiments", "metrics", "models", "optimizer", "train"})
+                         "distributed", "errors", "experiments", "finetune", "interop", "metrics",
+                         "models", "optimizer", "train"})
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

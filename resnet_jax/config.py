@@ -21,6 +21,7 @@ from resnet_jax.models import (  # one list of choices for models and flags
     GROUPED_CONVS,
     STEM_CONVS,
     STEMS,
+    VARIANTS,
     list_models,
 )
 
@@ -33,7 +34,8 @@ PRECISIONS = ("fp32", "bf16")
 # Extending ``epochs`` or ``max_steps`` is allowed: it only continues the same trajectory (except
 # under the cosine schedule, whose length is ``epochs``: see ``identity``).
 IDENTITY_FIELDS = (
-    "arch", "dataset", "image_size", "stem", "width", "zero_init_residual", "cardinality",
+    "arch", "variant", "dataset", "image_size", "stem", "width", "zero_init_residual",
+    "cardinality",
     "base_width", "batch_size",
     "learning_rate", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
     "label_smoothing", "precision", "augment", "random_erasing", "seed", "train_examples",
@@ -112,6 +114,10 @@ class Config:
     stem: str = _f("imagenet", "imagenet: 7x7/2 conv + 3x3/2 max-pool (the chapter's b1); small: "
                    "3x3/1 conv, no pool (for 28x28 and 32x32 inputs)", choices=STEMS)
     width: int = _f(64, "channels of the first stage (later stages double)")
+    variant: str = _f("d2l", "parameter layout: d2l (the chapter's: convs with biases, no batch "
+                      "norm on the projection shortcut) or torchvision (torchvision's ResNets "
+                      "exactly, as --init_from a PyTorch file and scripts/export.py need)",
+                      choices=VARIANTS)
     zero_init_residual: bool = _f(False, "start the last BN scale of every block at 0, so each "
                                   "block starts as the identity")
     cardinality: int | None = _f(None, "bottleneck nets: groups of the 3x3 conv (ResNeXt's C); "
@@ -134,6 +140,12 @@ class Config:
                    "convs of at least 10 MFLOP, xla for smaller ones), auto (by_size on a CPU, "
                    "xla elsewhere)", choices=CONVS)
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
+    init_from: str | None = _f(
+        None, "start from these weights instead of a random init: a torchvision or timm .pth, "
+        ".pt or .safetensors file (needs --variant=torchvision), or another run's workdir; a "
+        "head with another class count is re-initialised, a 3-channel stem summed over its "
+        "channels for 1-channel images. A workdir that already holds checkpoints resumes them "
+        "instead")
     train_examples: int | None = _f(None, "use only the first N training examples (quick runs)")
     eval_examples: int | None = _f(None, "evaluate on only the first N test images (quick runs; "
                                    "default: the whole test split)")
@@ -168,7 +180,7 @@ def validate(config: Config) -> Config:
     """Checks what can be checked without JAX devices or data; raises UserError (one line)."""
     from resnet_jax import models  # Local: keeps `--help` fast.
 
-    for name in ("workdir", "data_dir", "compilation_cache"):
+    for name in ("workdir", "data_dir", "compilation_cache", "init_from"):
         if getattr(config, name) == "":  # would silently mean the current directory
             raise UserError(f"--{name} is empty; give a path")
     for name in ("learning_rate", "momentum", "weight_decay", "warmup_epochs",
@@ -184,7 +196,7 @@ def validate(config: Config) -> Config:
     if config.dataset not in data.DATASETS:
         raise UserError(f"unknown --dataset {config.dataset!r}; valid: {', '.join(data.DATASETS)}")
     for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                          ("precision", PRECISIONS), ("stem", STEMS),
+                          ("precision", PRECISIONS), ("stem", STEMS), ("variant", VARIANTS),
                           ("grouped_conv", GROUPED_CONVS), ("stem_conv", STEM_CONVS),
                           ("conv", CONVS)):
         if getattr(config, name) not in choices:

@@ -351,7 +351,7 @@ _COST_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
 # The Config fields that define a run's model and its input.
-_MODEL_FIELDS = ("arch", "dataset", "image_size", "precision", "stem", "width",
+_MODEL_FIELDS = ("arch", "variant", "dataset", "image_size", "precision", "stem", "width",
                  "zero_init_residual", "cardinality", "base_width")
 
 

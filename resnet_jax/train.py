@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import data as data_lib
-from resnet_jax import models
+from resnet_jax import finetune, models
 from resnet_jax.checkpoint import Checkpointer
 from resnet_jax.cli import check_writable
 from resnet_jax.config import Config, from_saved, identity, identity_diff, validate
@@ -369,6 +369,7 @@ def build_model(config: Config, num_classes: int) -> nn.Module:
     try:
         return models.create_model(config.arch, num_classes=num_classes,
                                    dtype=compute_dtype(config), stem=config.stem,
+                                   variant=config.variant,
                                    width=config.width, stem_conv=config.stem_conv,
                                    conv=config.conv,
                                    zero_init_residual=config.zero_init_residual, **grouping)
@@ -829,6 +830,15 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         raise UserError(f"--workdir {workdir} holds step {restored.step}, past this run's last "
                         f"step {total_steps}; give more --epochs (or --max_steps), or use "
                         "--overwrite to start again")
+    start = None
+    if restored is None and config.init_from:  # (a workdir with checkpoints resumes them)
+        try:
+            start = finetune.load_start(config, abstract["state"])
+        except BaseException:
+            checkpointer.close()
+            raise
+        if is_main:
+            print(start.line, flush=True)
     if is_main and restored is None and (workdir / "config.json").exists():
         # The same command again, but the first run saved no checkpoint (stopped in its first
         # epoch): say that this is a fresh start, not a resume.
@@ -843,7 +853,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             "stem_conv": models.resolve_stem_conv(config.stem_conv, config.stem),
             "conv": models.resolve_conv(config.conv),
             "grouped_conv": models.resolve_grouped_conv(config.grouped_conv),
-            "jax_version": jax.__version__}}
+            "init_from": finetune.record(start, workdir), "jax_version": jax.__version__}}
         # Atomic: the other processes may be reading it (_check_workdir), or a kill may land.
         atomic_write(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
 
@@ -856,7 +866,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
             min(dispatch, total_steps), replicated)
     try:
         if restored is None:
-            tree, history = init(), []
+            tree, history = finetune.apply_start(init(), start), []
         else:
             tree, history = restored.tree, restored.meta.get("history", [])
             if is_main:

@@ -198,7 +198,8 @@ def test_train_under_a_profiler_still_writes_its_profile(fashion_mnist_dir, tmp_
     assert "train_and_evaluate" in functions
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "benchmark.py", "experiment.py"])
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "benchmark.py", "experiment.py",
+                                    "export.py"])
 def test_help_shows_only_defaults_that_say_something(script):
     out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"],
                          capture_output=True, text=True, timeout=120)
