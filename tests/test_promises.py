@@ -1,0 +1,86 @@
+"""The README's promises, each against the code that keeps it: bf16 through the trainer (train,
+checkpoint, kill, resume, evaluate.py), a full disk, divergence after checkpoints exist."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, TINY, TRAIN
+
+pytestmark = pytest.mark.slow
+
+EVALUATE = REPO / "scripts" / "evaluate.py"
+
+
+def _history(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _computed(records: list[dict]) -> list[dict]:
+    """A run's records without its timings: what a resumed run must reproduce exactly."""
+    timing = {"images_per_sec", "train_time", "eval_time", "wall_time"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+def _state(workdir, checkpoint="latest") -> dict:
+    from resnet_jax.train import load_checkpoint
+
+    _, state, _ = load_checkpoint(workdir, checkpoint)
+    return jax.device_get(state.arrays())
+
+
+def _kill_after_first_checkpoint(data_dir, workdir, *args: str) -> None:
+    """Starts train.py and SIGKILLs it once epoch 1's checkpoint (step 8) is final."""
+    proc = subprocess.Popen([sys.executable, str(TRAIN), f"--data_dir={data_dir}",
+                             f"--workdir={workdir}", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        while not (line := proc.stdout.readline()).startswith("epoch 1/"):
+            assert line, "the run ended before its first epoch's line"
+        deadline = time.monotonic() + 120  # Orbax renames the folder to "8" when final
+        while not (workdir / "checkpoints" / "8").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished (2 epochs: 16 steps)
+
+
+def test_bf16_trains_resumes_after_a_kill_bit_exactly_and_evaluates(run_train,
+                                                                    fashion_mnist_dir, tmp_path):
+    args = [*TINY, "--precision=bf16", "--epochs=2"]
+    whole = run_train(f"--workdir={tmp_path / 'whole'}", *args)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    _kill_after_first_checkpoint(fashion_mnist_dir, tmp_path / "killed", *args)
+    resumed = run_train(f"--workdir={tmp_path / 'killed'}", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(step 8)" in resumed.stdout
+    want, got = _state(tmp_path / "whole"), _state(tmp_path / "killed")
+    for (path, a), b in zip(jax.tree.leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert _computed(_history(tmp_path / "killed")) == _computed(_history(tmp_path / "whole"))
+    # The parameters stay float32 (bf16 is the activations'): the checkpoint holds those.
+    assert {x.dtype for x in jax.tree.leaves(got["params"])} == {np.dtype(np.float32)}
+
+    # bf16 is what trained: the same steps in fp32 end elsewhere.
+    fp32 = run_train(f"--workdir={tmp_path / 'fp32'}", *TINY, "--epochs=2", "--max_steps=8")
+    assert fp32.returncode == 0, fp32.stderr[-2000:]
+    assert not np.array_equal(_state(tmp_path / "fp32")["params"]["fc"]["kernel"],
+                              _state(tmp_path / "whole", 8)["params"]["fc"]["kernel"])
+
+    # evaluate.py restores the bf16 run and evaluates it as the trainer did, in bf16 (the
+    # whole test split both times).
+    last = _history(tmp_path / "killed")[-1]
+    out = subprocess.run([sys.executable, str(EVALUATE), f"--workdir={tmp_path / 'killed'}"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (f"checkpoint step 16: test accuracy {last['val_accuracy']:.4f}, loss "
+            f"{last['val_loss']:.4f} on 10000 images") in out.stdout, (out.stdout, last)
