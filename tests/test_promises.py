@@ -84,3 +84,44 @@ def test_bf16_trains_resumes_after_a_kill_bit_exactly_and_evaluates(run_train,
     assert out.returncode == 0, out.stderr[-2000:]
     assert (f"checkpoint step 16: test accuracy {last['val_accuracy']:.4f}, loss "
             f"{last['val_loss']:.4f} on 10000 images") in out.stdout, (out.stdout, last)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KiB tmpfs at tmp_path/disk: room for a tiny run's config, metrics and events, not
+    for its first checkpoint. Skipped where this process may not mount one (not root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip() or mount.returncode}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_its_half_written_checkpoint_is_never_listed(
+        run_train, small_disk, tmp_path):
+    args = [*TINY, "--epochs=2", "--eval_examples=64"]
+    full = run_train(f"--workdir={small_disk / 'run'}", *args)
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert full.stderr.count("\n") == 1 and full.stderr.startswith(
+        "train.py: error: no space left on the disk ("), full.stderr
+    assert full.stderr.rstrip().endswith("; free some, or write elsewhere")
+    # What the write left: Orbax's temporary folder of step 8, not a checkpoint.
+    left = [p.name for p in (small_disk / "run" / "checkpoints").iterdir()]
+    assert left and all(name.startswith("8.") for name in left), left
+
+    from resnet_jax.checkpoint import Checkpointer
+
+    with Checkpointer(small_disk / "run" / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.steps() == []
+    # Moved where there is room, the same command starts afresh: nothing to resume.
+    workdir = tmp_path / "room"
+    subprocess.run(["cp", "-a", str(small_disk / "run"), str(workdir)], check=True)
+    again = run_train(f"--workdir={workdir}", *args, "--max_steps=1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith(f"no checkpoint in {workdir}/checkpoints to resume"), (
+        again.stdout)
