@@ -125,3 +125,37 @@ def test_a_full_disk_is_one_line_and_its_half_written_checkpoint_is_never_listed
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.startswith(f"no checkpoint in {workdir}/checkpoints to resume"), (
         again.stdout)
+
+
+def test_divergence_after_checkpoints_keeps_and_names_the_last_good_one(fashion_mnist_dir,
+                                                                         tmp_path, monkeypatch):
+    # The weights break at step 21 (epoch 3; checkpoints at 8 and 16): the real loop runs on,
+    # from a state whose parameters are made infinite at that chunk.
+    from resnet_jax import config as config_lib
+    from resnet_jax import train
+
+    make_loop = train.make_train_loop
+
+    def breaking_at_step_21(*args, **kwargs):
+        loop = make_loop(*args, **kwargs)
+
+        def run(state, accum, data, perm, start, num_steps):
+            if int(state.step) == 20:
+                state = state.replace(params=jax.tree.map(lambda p: p * np.inf, state.params))
+            return loop(state, accum, data, perm, start, num_steps)
+
+        run.lower = loop.lower
+        return run
+
+    monkeypatch.setattr(train, "make_train_loop", breaking_at_step_21)
+    config = config_lib.parse_config([f"--data_dir={fashion_mnist_dir}",
+                                      f"--workdir={tmp_path}", *TINY, "--epochs=4",
+                                      "--eval_examples=64"])
+    with pytest.raises(train.DivergedError) as diverged:
+        train.train_and_evaluate(config)
+    assert str(diverged.value) == (
+        f"loss became nan at step 21 (epoch 3); the last good checkpoint, step 16, is kept in "
+        f"{tmp_path / 'checkpoints'}")
+    # Nothing after it: no checkpoint (not even a half-written one), no record.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["16", "8"]
+    assert [r["step"] for r in _history(tmp_path)] == [8, 16]
