@@ -136,15 +136,16 @@ def _take_signals(prog: str) -> None:
     whatever it is doing (imports, data loading, compilation, writing), outside training's own
     handler (which checkpoints, then restores this one).
 
-    Not by raising KeyboardInterrupt, Python's default: raised wherever the main thread happens
-    to be, it is lost where an exception cannot propagate (JAX's `_xla_gc_callback`, run by the
-    garbage collector: "Exception ignored in ... KeyboardInterrupt" and the run went on), and
-    when it unwinds through an import or backend initialisation that is half done, XLA's
-    objects are torn down under its running threads (the SIGSEGV seen under load). A handler
-    runs between two bytecodes of the main thread; exiting from there leaves nothing half
-    done that matters: what the trainer writes is atomic (config.json, Orbax's checkpoints),
-    as a SIGKILL at any moment shows. Signals the caller set otherwise (SIG_IGN under nohup,
-    a handler of its own) are left alone.
+    Not by raising KeyboardInterrupt, Python's default: raised in whatever Python code the main
+    thread runs next, it is lost where an exception cannot propagate. JAX's `_xla_gc_callback`
+    runs at every garbage collection, often while imports allocate: a signal that lands in it
+    was printed as "Exception ignored in ... KeyboardInterrupt" and the run went on. Raised
+    inside an import of JAX's C++ extensions, it also unwinds initialisation that is half done
+    (the likeliest cause of the SIGSEGV seen once under load). A handler runs between two
+    bytecodes of the main thread; exiting from there leaves nothing half done that matters:
+    what the trainer writes is atomic (config.json, Orbax's checkpoints), as a SIGKILL at any
+    moment shows. Signals the caller set otherwise (SIG_IGN under nohup, a handler of its
+    own) are left alone.
     """
     if threading.current_thread() is not threading.main_thread():
         return
