@@ -140,8 +140,9 @@ def _take_signals(prog: str) -> None:
     thread runs next, it is lost where an exception cannot propagate. JAX's `_xla_gc_callback`
     runs at every garbage collection, often while imports allocate: a signal that lands in it
     was printed as "Exception ignored in ... KeyboardInterrupt" and the run went on. Raised
-    inside an import of JAX's C++ extensions, it also unwinds initialisation that is half done
-    (the likeliest cause of the SIGSEGV seen once under load). A handler runs between two
+    while jaxlib's C++ extension initialises (it imports numpy), it came out as an ImportError
+    with a traceback and status 1, or the process died of SIGSEGV or SIGABRT in the half-done
+    initialisation (all seen at 0.04-0.2 s after main started). A handler runs between two
     bytecodes of the main thread; exiting from there leaves nothing half done that matters:
     what the trainer writes is atomic (config.json, Orbax's checkpoints), as a SIGKILL at any
     moment shows. Signals the caller set otherwise (SIG_IGN under nohup, a handler of its
