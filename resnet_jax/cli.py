@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -12,7 +13,6 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -69,8 +69,8 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt as e:  # before training installed its handler, or a second Ctrl-C
-        _exit_interrupted(prog, e)
+    except KeyboardInterrupt:  # where main_guard did not take the signals
+        _exit_interrupted(prog)
     except Exception as e:
         from resnet_jax.train import DivergedError
 
@@ -115,23 +115,45 @@ def _first_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:200] or type(error).__name__
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM outside training (whose own handler checkpoints): stops the script as Ctrl-C
-    does, with one line, instead of the silent default death."""
+def _exit_interrupted(prog: str, signum: int = signal.SIGINT) -> None:
+    """The promised line and status (130 for SIGINT, 143 for SIGTERM), at once: without the
+    interpreter's teardown, which can crash under a compilation still running on a worker
+    thread. Safe inside a signal handler that interrupted a write to the standard streams."""
+    word = "terminated" if signum == signal.SIGTERM else "interrupted"
+    # What the script printed before stays printed. RuntimeError: a reentrant call (the signal
+    # landed inside a write to the stream); the line goes to the descriptor, unbuffered.
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, f"{prog}: {word}\n".encode())
+    os._exit(128 + signum)
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated
+def _take_signals(prog: str) -> None:
+    """SIGINT and SIGTERM, from here on, end the script at once with its line and status,
+    whatever it is doing (imports, data loading, compilation, writing), outside training's own
+    handler (which checkpoints, then restores this one).
 
-
-def _exit_interrupted(prog: str, error: BaseException | None = None) -> None:
-    terminated = isinstance(error, _Terminated)
-    print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # At once, without the interpreter's teardown: a compilation may still be running on a
-    # worker thread, and finalising Python under it can crash the process.
-    os._exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+    Not by raising KeyboardInterrupt, Python's default: raised in whatever Python code the main
+    thread runs next, it is lost where an exception cannot propagate. JAX's `_xla_gc_callback`
+    runs at every garbage collection, often while imports allocate: a signal that lands in it
+    was printed as "Exception ignored in ... KeyboardInterrupt" and the run went on. Raised
+    while jaxlib's C++ extension initialises (it imports numpy), it came out as an ImportError
+    with a traceback and status 1, or the process died of SIGSEGV or SIGABRT in the half-done
+    initialisation (all seen at 0.04-0.2 s after main started). A handler runs between two
+    bytecodes of the main thread; exiting from there leaves nothing half done that matters:
+    what the trainer writes is atomic (config.json, Orbax's checkpoints), as a SIGKILL at any
+    moment shows. Signals the caller set otherwise (SIG_IGN under nohup, a handler of its
+    own) are left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) == default:
+            signal.signal(signum, lambda signum, frame: _exit_interrupted(prog, signum))
 
 
 def main_guard(prog: str, main: Callable[[], int], fast_exit: bool = False) -> None:
@@ -141,13 +163,11 @@ def main_guard(prog: str, main: Callable[[], int], fast_exit: bool = False) -> N
     With `fast_exit`, a `main` that returned 0 must have written and closed everything it
     opened: the process then exits without the interpreter's teardown (see `exit_now`).
     """
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    _take_signals(prog)  # before main's first import of JAX
     try:
         status = main()
-    except KeyboardInterrupt as e:
-        _exit_interrupted(prog, e)
+    except KeyboardInterrupt:  # (where the signals were not ours to take)
+        _exit_interrupted(prog)
     except BrokenPipeError:
         # The reader of our output went away (`... | head`): stop quietly, as a Unix tool does.
         # Output still buffered would fail again at exit; it goes nowhere instead.

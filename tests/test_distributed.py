@@ -262,6 +262,24 @@ def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_peer_that_never_joins_is_one_line_once_init_timeout_passes(tmp_path):
+    """Process 0 starts the coordinator; process 1 never comes: exit 2 with one line saying
+    the coordinator is up (JAX alone would abort with a C++ stack trace, later)."""
+    port = free_port()
+    env = child_env(1, JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
+    (proc,) = launch([([str(TRAIN), f"--workdir={tmp_path / 'w'}",
+                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        "--process_id=0", "--init_timeout=5"], env)],
+                     tmp_path, "alone_", timeout=90)  # (a hang fails here)
+    assert proc.returncode == 2, proc.report()
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"train.py: error: process 0 of 2 could not join the multi-host job within "
+                     f"--init_timeout 5 s: the coordinator at 127.0.0.1:{port} is up but not "
+                     "every process joined: are all of them started, with the same "
+                     "--coordinator_address and --num_processes?"], proc.report()
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (("127.0.0.1:1234", None, 0), "needs all of --coordinator_address, --num_processes"),
     (("127.0.0.1", 2, 0), "--coordinator_address must be host:port"),

@@ -582,3 +582,47 @@ def test_chapter_resnext_block_shapes_and_shortcut():
     bad = models.ResNeXtBlock(32, groups=5, bot_mul=1)
     with pytest.raises(ValueError, match="groups=5 must divide bot_channels=32"):
         jax.eval_shape(functools.partial(bad.init, train=False), jax.random.key(0), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole networks by hand: the chapter's stem and head, and the plain nets' blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chapter_network_stem_first_stage_and_head_by_hand():
+    # D2L 8.6.3's b1: 7x7/2 conv (pad 3, bias) -> BN -> ReLU -> 3x3/2 max-pool (pad 1); then
+    # the basic blocks; the head: global average pool -> dense.
+    model = models.create_model("resnet18", width=8)
+    # 64x64: the last stage is 2x2, so that its pooling is a mean over several positions.
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 64, 64, 3)), jnp.float32)
+    variables = random_variables(model, x.shape)
+    p, s = variables["params"], variables["batch_stats"]
+    logits, inter = intermediates(model, variables, x)
+    h = max_pool(jax.nn.relu(bn(conv(x, p["conv1"], 2), p["bn1"], s["bn1"])))
+    chex.assert_shape(h, (2, 16, 16, 8))  # 64 -> 32 (conv) -> 16 (pool)
+    for name in ("layer1_0", "layer1_1"):  # identity shortcuts: 8 channels, stride 1
+        q, t = p[name], s[name]
+        y = jax.nn.relu(bn(conv(h, q["conv1"]), q["bn1"], t["bn1"]))
+        h = jax.nn.relu(bn(conv(y, q["conv2"]), q["bn2"], t["bn2"]) + h)
+        np.testing.assert_allclose(inter[name], h, rtol=1e-4, atol=1e-4)
+    chex.assert_shape(inter["layer4_1"], (2, 2, 2, 64))
+    expected = inter["layer4_1"].mean(axis=(1, 2)) @ p["fc"]["kernel"] + p["fc"]["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_networks_compute_no_shortcut():
+    # A function check (an identity shortcut has no parameters to miss): every block of the
+    # first two stages is conv -> BN -> ReLU -> conv -> BN -> ReLU of its input, nothing added.
+    model = models.create_model("plain18", width=8)
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = random_variables(model, x.shape)
+    p, s = variables["params"], variables["batch_stats"]
+    _, inter = intermediates(model, variables, x)
+    h = max_pool(jax.nn.relu(bn(conv(x, p["conv1"], 2), p["bn1"], s["bn1"])))
+    for name, strides in (("layer1_0", 1), ("layer1_1", 1), ("layer2_0", 2), ("layer2_1", 1)):
+        q, t = p[name], s[name]
+        assert "downsample_conv" not in q
+        y = jax.nn.relu(bn(conv(h, q["conv1"], strides), q["bn1"], t["bn1"]))
+        y = jax.nn.relu(bn(conv(y, q["conv2"]), q["bn2"], t["bn2"]))
+        np.testing.assert_allclose(inter[name], y, rtol=1e-4, atol=1e-4, err_msg=name)
+        h = inter[name]
