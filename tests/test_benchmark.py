@@ -43,6 +43,7 @@ def test_benchmark_json_fields_are_sane():
         assert r["train_images_per_sec"] > 0 and r["eval_images_per_sec"] > 0
         assert r["step_time_ms"] > 0 and len(r["train_images_per_sec_repeats"]) == 1
         assert (r["stem_conv"], r["stem_conv_used"]) == ("auto", "direct")  # on a CPU
+        assert (r["conv"], r["conv_used"]) == ("auto", "by_size")
         assert r["forward_flops_per_image"] > 0 and r["params"] > 0
         # A train step (forward, backward ~2x, update) costs about three forward passes.
         assert 2 < r["train_flops_per_image"] / r["forward_flops_per_image"] < 4.5
@@ -136,6 +137,7 @@ def test_device_time_by_op_reads_a_gpu_trace(tmp_path):
     (["--batch_size", "128", "0"], "--batch_size 0: must be positive"),
     (["--precision", "fp16"], "--precision 'fp16': unknown; valid: fp32, bf16"),
     (["--steps", "many"], "--steps expects int"),
+    (["--conv", "xla,fft"], "--conv 'fft': unknown; valid: auto, xla, im2col, by_size"),
     (["--end_to_end", "--precision", "fp32,bf16"], "--end_to_end takes one --precision"),
     (["--end_to_end", "--profile", "p"], "--profile applies to the synthetic benchmark"),
     (["--profile", "/dev/null", "--width", "4", "--image_size", "16", "--stem", "small"],
@@ -249,3 +251,23 @@ def test_program_memory_reuses_the_timed_compilation():
         memory = benchmark._program_memory(group, case)
     assert timer.backend_compiles == 0
     assert memory["program_bytes"] > memory["program_temp_bytes"] > 0
+
+
+COMPARE = REPO / "scripts" / "compare_torch_cpu.py"
+
+
+def test_compare_torch_cpu_times_both_and_reports_the_ratio():
+    pytest.importorskip("torch", reason="compare_torch_cpu.py needs torch (the torch extra)")
+    out = subprocess.run([sys.executable, str(COMPARE), "--sizes", "16:4:8", "--steps", "1",
+                          "--repeats", "2", "--conv", "im2col", "--json"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert (result["image_size"], result["batch_size"], result["width"]) == (16, 4, 8)
+    assert len(result["torch_img_s_repeats"]) == len(result["resnet_jax_img_s_repeats"]) == 2
+    assert result["ratio"] == pytest.approx(result["resnet_jax_img_s"] / result["torch_img_s"])
+    assert "conv im2col" in out.stdout.splitlines()[0]
+    bad = subprocess.run([sys.executable, str(COMPARE), "--sizes", "96x128"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "a size is SIDE:BATCH:WIDTH" in bad.stderr
