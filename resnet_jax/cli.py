@@ -72,7 +72,7 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
     except KeyboardInterrupt as e:  # before training installed its handler, or a second Ctrl-C
         _exit_interrupted(prog, e)
     except Exception as e:
-        from resnet_jax.train import DivergedError
+        from resnet_jax.errors import DivergedError
 
         if isinstance(e, DivergedError):
             print(f"{prog}: error: {e}", file=sys.stderr)

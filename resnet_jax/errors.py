@@ -8,3 +8,7 @@ class UserError(Exception):
     traceback. The message must be a single line that says what is wrong and what would be valid.
     """
 
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or Inf (scripts exit with status 3)."""
