@@ -2,6 +2,36 @@
 
     import resnet_jax
     model = resnet_jax.create_model("resnet18", num_classes=10)
+
+Where things live, lowest layer first; a module uses only those above it in this list:
+
+- `errors`: `UserError` (a one-line mistake in the user's input) and `DivergedError`. Uses none.
+- `cli`: what the scripts share: one-line errors and exit codes (`run_main`), signals
+  (`main_guard`), `check_writable`. Uses `errors`.
+- `models`: the networks (blocks, `ResNet`, the registry `create_model`/`list_models`,
+  `param_count`, `model_flops`). Uses none.
+- `data`: finding and reading datasets on the host (IDX or TFDS); preprocessing, augmentation
+  and the epoch's order on the device. Uses `errors`.
+- `config`: `Config`, the one typed place for every setting, its flags and validation. Uses
+  `data`, `models` (for the valid choices), `errors`.
+- `optimizer`: the optax optimizer and learning-rate schedule of a Config. Uses `config`.
+- `checkpoint`: `Checkpointer` (Orbax): asynchronous saves, the last N and best kept, a damaged
+  checkpoint set aside for the one before it. Uses `errors`.
+- `metrics`: what a run leaves for people: metrics.jsonl, TensorBoard events, curves.png, the
+  progress bar. Uses none.
+- `distributed`: joining several processes (hosts) before training. Uses `errors`.
+- `train`: `train_step`/`eval_step`, their sharded jitted loops (`make_train_loop`), and
+  `train_and_evaluate`, which reads as the algorithm: `make_plan`, `build_programs`,
+  `restore_latest`, `run_epochs` (`train_epoch`, `end_epoch`, `checkpoint_and_stop`), with
+  `Books` holding what lives across epochs. Also restoring and evaluating checkpoints
+  (`restore_state`, `evaluate_checkpoint`, `evaluate_ensemble`). Uses all of the above but
+  `distributed`.
+- `benchmark`: throughput of the trainer's own loops, and end-to-end timing. Uses `train`.
+- `experiments` (a package): `table` (the experiments: adding one is adding an entry there),
+  `runs` (train, resume, skip or share each run), `report` (tables and plots). Uses `train`.
+
+The scripts in `scripts/` (train, evaluate, benchmark, experiment, summary) parse flags and call
+these; `tests/` has a test file per module.
 """
 
 from __future__ import annotations
