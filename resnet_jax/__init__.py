@@ -10,6 +10,8 @@ Where things live, lowest layer first; a module uses only those above it in this
   (`main_guard`), `check_writable`. Uses `errors`.
 - `models`: the networks (blocks, `ResNet`, the registry `create_model`/`list_models`,
   `param_count`, `model_flops`). Uses none.
+- `summary`: a model's shape listing (each layer's output shape; parameters and FLOPs per
+  stage), as `scripts/summary.py` prints it. Uses `models`.
 - `data`: finding and reading datasets on the host (IDX or TFDS); preprocessing, augmentation
   and the epoch's order on the device. Uses `errors`.
 - `config`: `Config`, the one typed place for every setting, its flags and validation. Uses
@@ -60,7 +62,8 @@ _EXPORTS = {name: "resnet_jax.errors" if name == "UserError" else "resnet_jax.mo
             for name in __all__}
 # The submodules, also loaded on first use: `resnet_jax.train.train_step` after `import resnet_jax`.
 _SUBMODULES = frozenset({"benchmark", "checkpoint", "cli", "config", "data", "distributed",
-                         "errors", "experiments", "metrics", "models", "optimizer", "train"})
+                         "errors", "experiments", "metrics", "models", "optimizer", "summary",
+                         "train"})
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
