@@ -109,7 +109,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(reference, fashio
         outputs.append(out)
     resumed = [int(m) for out in outputs for m in re.findall(r"resuming from \S+ \(step (\d+)\)",
                                                               out)]
-    # shown with -s; the README quotes these runs
+    # shown with -s; docs/reliability.md quotes these runs
     print(f"{kills} kills; restarts resumed from steps {resumed}; final state identical")
     assert kills >= 2 and len(set(resumed) - {0}) >= 2, (kills, resumed)
 
