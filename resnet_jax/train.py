@@ -783,6 +783,7 @@ class Plan:
 
     @property
     def num_train(self) -> int:
+        """The training examples of an epoch."""
         return len(self.dataset.train_labels)
 
 
@@ -874,6 +875,7 @@ def compile_ahead(compiler: ThreadPoolExecutor, plan: Plan, programs: Programs) 
 
 
 def _eval_batches(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """The padded test batches (indices and mask) of the plan's batch size."""
     return data_lib.eval_batches(len(plan.dataset.test_labels), plan.config.batch_size)
 
 
@@ -966,6 +968,7 @@ class Books:
         self.checkpointer.save(step, tree, meta, metrics)
 
     def diverged(self, what: str) -> DivergedError:
+        """The error for a loss that stopped being finite, naming the last good checkpoint."""
         kept = self.checkpointer.steps()
         return DivergedError(
             f"{what}; " + (f"the last good checkpoint, step {kept[-1]}, is kept in "
@@ -1095,6 +1098,7 @@ class DeviceInputs:
 
 
 def put_inputs(plan: Plan, mesh: Mesh) -> DeviceInputs:
+    """The plan's dataset and test batches, replicated over `mesh`."""
     return DeviceInputs(put_dataset(plan.dataset, mesh), *replicate(_eval_batches(plan), mesh))
 
 
@@ -1238,7 +1242,7 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
         books = start_books(plan, checkpointer, restored, is_main)
         if step < plan.total_steps:
             programs.train_ready.result()  # raises what compiling raised
-        books.epoch_start = time.perf_counter()
+        books.epoch_start = time.perf_counter()  # (the first epoch's time leaves compiling out)
         step = run_epochs(plan, programs, inputs, books, state, accum)
         return books.close(stopped=step < plan.total_steps)
     except BaseException:
