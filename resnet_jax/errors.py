@@ -1,4 +1,4 @@
-"""The one exception type for mistakes in a user's own input."""
+"""The project's own exceptions: a mistake in the user's input, and a diverged run."""
 
 
 class UserError(Exception):
@@ -7,7 +7,6 @@ class UserError(Exception):
     Scripts catch it and print its message as one line, exiting with status 2, instead of a
     traceback. The message must be a single line that says what is wrong and what would be valid.
     """
-
 
 
 class DivergedError(RuntimeError):
