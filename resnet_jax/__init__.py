@@ -2,6 +2,45 @@
 
     import resnet_jax
     model = resnet_jax.create_model("resnet18", num_classes=10)
+
+Where things live, lowest layer first; a module uses only those above it in this list:
+
+- `errors`: `UserError` (a one-line mistake in the user's input) and `DivergedError`. Uses none.
+- `cli`: what the scripts share: one-line errors and exit codes (`run_main`), signals
+  (`main_guard`), `check_writable`. Uses `errors`.
+- `conv`: the convolutions' alternative programs (im2col, per-group, space-to-depth; the same
+  function as XLA's) and their per-backend choice. Uses none.
+- `models`: the networks (blocks, `ResNet`, the registry `create_model`/`list_models`,
+  `param_count`, `model_flops`). Uses `conv`.
+- `summary`: a model's shape listing (each layer's output shape; parameters and FLOPs per
+  stage), as `scripts/summary.py` prints it. Uses `models`.
+- `data`: finding and reading datasets on the host (IDX or TFDS); preprocessing, augmentation
+  and the epoch's order on the device. Uses `errors`.
+- `config`: `Config`, the one typed place for every setting, its flags and validation. Uses
+  `data`, `models` (for the valid choices), `errors`.
+- `optimizer`: the optax optimizer and learning-rate schedule of a Config. Uses `config`.
+- `checkpoint`: `Checkpointer` (Orbax): asynchronous saves, the last N and best kept, a damaged
+  checkpoint set aside for the one before it. Uses `errors`.
+- `metrics`: what a run leaves for people: metrics.jsonl, TensorBoard events, curves.png, the
+  progress bar. Uses none.
+- `distributed`: joining several processes (hosts) before training. Uses `errors`.
+- `interop`: weights from and to PyTorch (`from_torch`, `to_torch`: torchvision's state_dict
+  keys and layouts). Uses `models`.
+- `finetune`: a fresh run's starting weights from `--init_from` (a PyTorch file or another
+  run's workdir), fitted to the model. Uses `interop`, `config`, `errors`.
+- `train`: `train_step`/`eval_step`, their sharded jitted loops (`make_train_loop`), and
+  `train_and_evaluate`, which reads as the algorithm: `make_plan`, `build_programs`,
+  `restore_latest`, `run_epochs` (`train_epoch`, `end_epoch`, `checkpoint_and_stop`), with
+  `Books` holding what lives across epochs. Also restoring and evaluating checkpoints
+  (`restore_state`, `evaluate_checkpoint`, `evaluate_ensemble`). Uses all of the above but
+  `distributed` and `interop`.
+- `benchmark`: throughput of the trainer's own loops, and end-to-end timing. Uses `train`.
+- `experiments` (a package): `table` (the experiments: adding one is adding an entry there),
+  `runs` (train, resume, skip or share each run), `report` (tables and plots). Uses `train`.
+
+The scripts in `scripts/` (train, evaluate, benchmark, experiment, summary, export,
+compare_torch_cpu) parse flags and call
+these; `tests/` has a test file per module.
 """
 
 from __future__ import annotations
@@ -32,7 +71,7 @@ _EXPORTS = {name: "resnet_jax.errors" if name == "UserError" else "resnet_jax.mo
 # The submodules, also loaded on first use: `resnet_jax.train.train_step` after `import resnet_jax`.
 _SUBMODULES = frozenset({"benchmark", "checkpoint", "cli", "config", "conv", "data",
                          "distributed", "errors", "experiments", "finetune", "interop", "metrics",
-                         "models", "optimizer", "train"})
+                         "models", "optimizer", "summary", "train"})
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

@@ -72,7 +72,7 @@ def run_main(prog: str, job: Callable[[], int]) -> int:
     except KeyboardInterrupt:  # where main_guard did not take the signals
         _exit_interrupted(prog)
     except Exception as e:
-        from resnet_jax.train import DivergedError
+        from resnet_jax.errors import DivergedError
 
         if isinstance(e, DivergedError):
             print(f"{prog}: error: {e}", file=sys.stderr)

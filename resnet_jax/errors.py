@@ -1,4 +1,4 @@
-"""The one exception type for mistakes in a user's own input."""
+"""The project's own exceptions: a mistake in the user's input, and a diverged run."""
 
 
 class UserError(Exception):
@@ -8,3 +8,6 @@ class UserError(Exception):
     traceback. The message must be a single line that says what is wrong and what would be valid.
     """
 
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or Inf (scripts exit with status 3)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,19 @@ class Start:
         return {"source": self.source, "notes": list(self.notes)}
 
 
-def load_start(config: Config, abstract: dict) -> Start:
+def load_start(config: Config, abstract: dict, load_checkpoint: Callable[[Path], Any]) -> Start:
     """The weights of ``config.init_from`` fitted to the run's model, whose variables
     (``{"params", "batch_stats"}``, arrays or ``jax.ShapeDtypeStruct``) are ``abstract``.
+
+    ``load_checkpoint`` reads another run's workdir (``train.load_checkpoint``, passed in
+    because the trainer is what calls this: the module below it cannot import it).
 
     Raises:
         UserError: an unreadable source, or one whose layout is not the model's (one line).
     """
     source = Path(config.init_from)
     if source.is_dir():
-        variables, what = _from_workdir(source)
+        variables, what = _from_workdir(source, load_checkpoint)
     else:
         variables, what = _from_file(config, source)
     want = _flat(abstract)
@@ -108,9 +112,7 @@ def _from_file(config: Config, path: Path) -> tuple[dict, str]:
     return variables, f"{config.arch} weights from a PyTorch file"
 
 
-def _from_workdir(path: Path) -> tuple[dict, str]:
-    from resnet_jax.train import load_checkpoint  # (train imports this module)
-
+def _from_workdir(path: Path, load_checkpoint: Callable[[Path], Any]) -> tuple[dict, str]:
     source, state, step = load_checkpoint(path)
     # The local copy of each replicated array (the whole of it, on every process).
     variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.variables)

@@ -178,6 +178,13 @@ class Progress:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}", refresh=False)
             self.bar.update(steps)
 
+    def write(self, line: str) -> None:
+        """Prints `line` on stdout, above the bar if one is shown."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
     def end_epoch(self) -> None:
         """Removes the bar (the epoch's plain line follows it)."""
         if self.bar is not None:

@@ -37,10 +37,10 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import data as data_lib
 from resnet_jax import finetune, models
-from resnet_jax.checkpoint import Checkpointer
+from resnet_jax.checkpoint import Checkpointer, Restored
 from resnet_jax.cli import check_writable
 from resnet_jax.config import Config, from_saved, identity, identity_diff, validate
-from resnet_jax.errors import UserError
+from resnet_jax.errors import DivergedError, UserError
 from resnet_jax.metrics import MetricsWriter, Progress, atomic_write, format_record
 from resnet_jax.optimizer import create_optimizer, learning_rate_schedule
 
@@ -49,10 +49,6 @@ from resnet_jax.optimizer import create_optimizer, learning_rate_schedule
 # fold_in(key(seed), epoch) (see data.epoch_permutation); these tags are far above any epoch.
 _INIT_STREAM = 2**31 + 1
 _AUGMENT_STREAM = 2**31 + 2
-
-
-class DivergedError(RuntimeError):
-    """The loss became NaN or Inf."""
 
 
 class TrainState(struct.PyTreeNode):
@@ -772,33 +768,38 @@ def use_compilation_cache(setting: str) -> Path | None:
     return Path(setting)
 
 
-def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
-    """Trains and evaluates as `config` says, resuming from the workdir's latest checkpoint.
+# --------------------------------------------------------------------------------------------
+# The run, as `train_and_evaluate` reads: a plan from the config, the programs, restore (or a
+# fresh start), the loop over epochs, finish. Each step below is one of those.
 
-    Returns the last metrics record (one dict per epoch is also appended to metrics.jsonl),
-    marked ``"stopped": True`` when SIGTERM/SIGINT stopped the run before its last step.
-    Raises UserError for bad input, DivergedError if the loss stops being finite.
-    """
-    validate(config)
-    use_compilation_cache(config.compilation_cache)
-    mesh = mesh if mesh is not None else make_mesh()
-    is_main = jax.process_index() == 0
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run does, computed and checked once from its Config (`make_plan`): printed as the
+    start-up report and saved, resolved, in config.json."""
+
+    config: Config
+    dataset: data_lib.Dataset  # cut to --train_examples and --eval_examples
+    model: nn.Module
+    steps_per_epoch: int
+    total_steps: int  # this run's last step (--epochs, or --max_steps before that)
+    dispatch: int  # train steps per dispatch to the devices (the chunks' size)
+    workdir: Path
+
+    @property
+    def num_train(self) -> int:
+        """The training examples of an epoch."""
+        return len(self.dataset.train_labels)
+
+
+def make_plan(config: Config, mesh: Mesh, is_main: bool) -> Plan:
+    """Loads the data and builds the model `config` names, checks that they fit together and
+    the mesh, and prepares the workdir; each mistake is a one-line UserError."""
     if config.batch_size % mesh.size:
         raise UserError(f"--batch_size {config.batch_size} is not divisible by the {mesh.size} "
                         "devices; use a multiple of the device count")
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir)
-    for flag, asked, split in (("train_examples", config.train_examples, dataset.train_labels),
-                               ("eval_examples", config.eval_examples, dataset.test_labels)):
-        if asked is not None and asked > len(split):
-            raise UserError(f"--{flag} {asked} exceeds the {len(split)} examples of the split")
-    if config.train_examples or config.eval_examples:
-        train, test = slice(config.train_examples), slice(config.eval_examples)
-        dataset = dataclasses.replace(
-            dataset, train_images=dataset.train_images[train],
-            train_labels=dataset.train_labels[train], test_images=dataset.test_images[test],
-            test_labels=dataset.test_labels[test])
-    spec = dataset.spec
-    model = build_model(config, spec.num_classes)
+    dataset = _cut(data_lib.load_dataset(config.dataset, config.data_dir), config)
+    model = build_model(config, dataset.spec.num_classes)
     if config.image_size < models.min_image_size(model):
         raise UserError(f"--image_size {config.image_size} is too small for {config.arch} with "
                         f"the {config.stem} stem; use at least {models.min_image_size(model)}")
@@ -811,234 +812,463 @@ def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     dispatch = config.steps_per_dispatch or (1 if jax.default_backend() == "cpu" else 100)
-    workdir = _check_workdir(config, is_main)
-    dtype = compute_dtype(config)
-    tx = create_optimizer(config, steps_per_epoch)
-    replicated = NamedSharding(mesh, P())
-    init, abstract = _initializer(config, model, tx, spec.image_shape[-1], mesh)
+    return Plan(config, dataset, model, steps_per_epoch, total_steps, dispatch,
+                _check_workdir(config, is_main))
+
+
+def _cut(dataset: data_lib.Dataset, config: Config) -> data_lib.Dataset:
+    """`dataset` cut to its first --train_examples and --eval_examples examples."""
+    for flag, asked, split in (("train_examples", config.train_examples, dataset.train_labels),
+                               ("eval_examples", config.eval_examples, dataset.test_labels)):
+        if asked is not None and asked > len(split):
+            raise UserError(f"--{flag} {asked} exceeds the {len(split)} examples of the split")
+    if not (config.train_examples or config.eval_examples):
+        return dataset
+    train, test = slice(config.train_examples), slice(config.eval_examples)
+    return dataclasses.replace(
+        dataset, train_images=dataset.train_images[train],
+        train_labels=dataset.train_labels[train], test_images=dataset.test_images[test],
+        test_labels=dataset.test_labels[test])
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The run's programs for the devices, and the fresh or restored tree they start from.
+    Compiled on first use, or ahead on a worker thread (`train_ready`, `eval_ready`)."""
+
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    init: Callable[[], dict]  # a fresh checkpoint tree: {"state": ..., "accum": ...}
+    abstract: Any  # that tree's shapes and placement, which a restore needs
+    train_loop: Callable  # see make_train_loop
+    eval_loop: Callable  # see make_eval_loop
+    permutation: Callable  # (seed, epoch, num_examples) -> the epoch's data order
+    train_ready: Future | None = None
+    eval_ready: Future | None = None
+
+    def state(self, model: nn.Module, tree: dict) -> TrainState:
+        """The TrainState of a checkpoint tree's arrays."""
+        return TrainState(apply_fn=model.apply, tx=self.tx, **tree["state"])
+
+
+def build_programs(plan: Plan, mesh: Mesh) -> Programs:
+    """Traces the initialisation and defines (without compiling) the train and eval loops."""
+    config, dtype = plan.config, compute_dtype(plan.config)
+    tx = create_optimizer(config, plan.steps_per_epoch)
+    init, abstract = _initializer(config, plan.model, tx, plan.dataset.spec.image_shape[-1],
+                                  mesh)
     train_loop = make_train_loop(mesh, batch_size=config.batch_size, image_size=config.image_size,
                                  seed=config.seed, augment=config.augment,
                                  random_erasing=config.random_erasing,
                                  label_smoothing=config.label_smoothing, dtype=dtype,
-                                 loop_single_steps=dispatch > 1)
+                                 loop_single_steps=plan.dispatch > 1)
     eval_loop = make_eval_loop(mesh, image_size=config.image_size, dtype=dtype)
-    eval_idx, eval_mask = data_lib.eval_batches(len(dataset.test_labels), config.batch_size)
-    checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-    restored = checkpointer.restore(abstract)
-    if restored is not None and restored.step > total_steps:
+    # The seed traced like the epoch: one program for every seed (compilation cache).
+    permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,),
+                          out_shardings=NamedSharding(mesh, P()))
+    return Programs(mesh, tx, init, abstract, train_loop, eval_loop, permutation)
+
+
+def compile_ahead(compiler: ThreadPoolExecutor, plan: Plan, programs: Programs) -> Programs:
+    """`programs` with their train and eval programs compiling on `compiler`'s thread."""
+    train_ready, eval_ready = _compile_ahead(
+        compiler, programs.train_loop, programs.eval_loop,
+        programs.state(plan.model, programs.abstract), programs.abstract["accum"],
+        _host_data(plan.dataset), _eval_batches(plan), min(plan.dispatch, plan.total_steps),
+        NamedSharding(programs.mesh, P()))
+    return dataclasses.replace(programs, train_ready=train_ready, eval_ready=eval_ready)
+
+
+def _eval_batches(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """The padded test batches (indices and mask) of the plan's batch size."""
+    return data_lib.eval_batches(len(plan.dataset.test_labels), plan.config.batch_size)
+
+
+def restore_latest(plan: Plan, checkpointer: Checkpointer, programs: Programs,
+                   is_main: bool) -> Restored | None:
+    """The workdir's latest readable checkpoint (damaged ones are set aside), or None."""
+    restored = checkpointer.restore(programs.abstract)
+    if restored is not None and restored.step > plan.total_steps:
         checkpointer.close()
-        raise UserError(f"--workdir {workdir} holds step {restored.step}, past this run's last "
-                        f"step {total_steps}; give more --epochs (or --max_steps), or use "
-                        "--overwrite to start again")
-    start = None
-    if restored is None and config.init_from:  # (a workdir with checkpoints resumes them)
-        try:
-            start = finetune.load_start(config, abstract["state"])
-        except BaseException:
-            checkpointer.close()
-            raise
-        if is_main:
-            print(start.line, flush=True)
-    if is_main and restored is None and (workdir / "config.json").exists():
+        raise UserError(f"--workdir {plan.workdir} holds step {restored.step}, past this run's "
+                        f"last step {plan.total_steps}; give more --epochs (or --max_steps), or "
+                        "use --overwrite to start again")
+    if is_main and restored is None and (plan.workdir / "config.json").exists():
         # The same command again, but the first run saved no checkpoint (stopped in its first
         # epoch): say that this is a fresh start, not a resume.
         print(f"no checkpoint in {checkpointer.directory} to resume: starting from step 0",
               flush=True)
-    if is_main:
-        resolved = {**dataclasses.asdict(config), "resolved": {
-            "devices": mesh.size, "processes": jax.process_count(),
-            "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "steps_per_dispatch": dispatch, "data_source": dataset.source,
-            "stem_conv": models.resolve_stem_conv(config.stem_conv, config.stem),
-            "conv": models.resolve_conv(config.conv),
-            "grouped_conv": models.resolve_grouped_conv(config.grouped_conv),
-            "init_from": finetune.record(start, workdir), "jax_version": jax.__version__}}
-        # Atomic: the other processes may be reading it (_check_workdir), or a kill may land.
-        atomic_write(workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
+    return restored
 
-    compiler = ThreadPoolExecutor(1, thread_name_prefix="compile")
-    if (restored.step if restored else 0) < total_steps:  # (a finished run compiles nothing)
-        train_compiled, eval_compiled = _compile_ahead(
-            compiler, train_loop, eval_loop, TrainState(apply_fn=model.apply, tx=tx,
-                                                        **abstract["state"]),
-            abstract["accum"], _host_data(dataset), (eval_idx, eval_mask),
-            min(dispatch, total_steps), replicated)
+
+def fine_tune_start(plan: Plan, checkpointer: Checkpointer, programs: Programs,
+                    restored: Restored | None, is_main: bool) -> finetune.Start | None:
+    """The weights `--init_from` names, fitted to the model, for a fresh run (a workdir that
+    holds checkpoints resumes them instead); None without `--init_from`."""
+    if restored is not None or not plan.config.init_from:
+        return None
     try:
-        if restored is None:
-            tree, history = finetune.apply_start(init(), start), []
-        else:
-            tree, history = restored.tree, restored.meta.get("history", [])
-            if is_main:
-                print(f"resuming from {checkpointer.directory / str(restored.step)} "
-                      f"(step {restored.step})", flush=True)
-        # A record of a run stopped early by --max_steps is superseded once training continues.
-        history = [r for r in history if not r.get("partial") or r["step"] >= total_steps]
-        state = TrainState(apply_fn=model.apply, tx=tx, **tree["state"])
-        accum = tree["accum"]
-
-        writer = MetricsWriter(workdir, enabled=is_main,
-                               title=f"{config.arch} on {config.dataset} ({config.image_size}px)")
-        writer.reset(history)
-        progress = Progress(enabled=is_main)
-        ddata = put_dataset(dataset, mesh)
-        # The seed traced like the epoch: one program for every seed (compilation cache).
-        permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,),
-                              out_shardings=replicated)
-        eval_idx, eval_mask = replicate((eval_idx, eval_mask), mesh)
-        wall_offset = history[-1]["wall_time"] if history else 0.0
-        if restored is not None:  # its own clock: a stop mid-epoch would lose the time since
-            wall_offset = restored.meta.get("wall_time", wall_offset)  # the last record
-        run_start = time.perf_counter()
-        step = int(state.step)
-        last = history[-1] if history else {}
-
-        def save(step: int, record: dict | None, tree: dict) -> None:
-            meta = {"step": step, "history": writer.history + ([record] if record else []),
-                    "config": identity(config),
-                    "wall_time": wall_offset + time.perf_counter() - run_start}
-            metrics = ({"val_accuracy": record["val_accuracy"]}
-                       if record and not record.get("partial") else None)
-            checkpointer.save(step, tree, meta, metrics)
-
-        def diverged(what: str) -> DivergedError:
-            kept = checkpointer.steps()
-            return DivergedError(
-                f"{what}; " + (f"the last good checkpoint, step {kept[-1]}, is kept in "
-                               f"{checkpointer.directory}" if kept
-                               else "no checkpoint had been saved"))
-
-        def finish(pending: tuple, accum: dict) -> None:
-            chunk_loss, n = pending
-            loss = float(chunk_loss) / n  # Blocks on this chunk only; the next one is queued.
-            if not np.isfinite(loss):
-                bad = int(accum["nonfinite_step"])  # steps done before the bad one
-                raise diverged(f"loss became {loss} at step {bad + 1} "
-                               f"(epoch {bad // steps_per_epoch + 1})")
-            progress.update(n, n * config.batch_size, loss)
-
-        def report(epoch: int, position: int, step: int, images: int, train_time: float,
-                   train_end: float, accum: dict, eval_sums: dict,
-                   tree: dict | None) -> tuple[dict, float]:
-            """An epoch's bookkeeping once its evaluation (queued on the devices) is read back:
-            its record, checkpoint `tree` (if any), metrics and line. Returns the record and
-            the time the evaluation was read back."""
-            steps = int(accum["steps"])
-            val = summarize_eval(eval_sums)  # blocks until its evaluation is done
-            eval_end = time.perf_counter()
-            if not np.isfinite(val["val_loss"]):  # the epoch's last update broke the weights
-                raise diverged(f"the validation loss became {val['val_loss']} after step {step} "
-                               f"(epoch {epoch + 1}), though the training loss was finite")
-            record = {"epoch": round(epoch + position / steps_per_epoch, 4), "step": step,
-                      "train_loss": float(accum["loss_sum"]) / steps,
-                      "train_accuracy": float(accum["accuracy_sum"]) / steps, **val,
-                      "learning_rate": epoch_lr(step),
-                      "images_per_sec": images / train_time,
-                      # Where the time went: waiting for compilation shows in the first
-                      # epoch's wall_time (the eval program's in its eval_time).
-                      "train_time": train_time, "eval_time": eval_end - train_end,
-                      "wall_time": wall_offset + eval_end - run_start}
-            if position < steps_per_epoch:
-                record["partial"] = True
-            if tree is not None:
-                save(step, record, tree)
-            writer.write(record)
-            if is_main:
-                print(format_record(record, config.epochs), flush=True)
-            return record, eval_end
-
-        schedule = learning_rate_schedule(config, steps_per_epoch)
-        host = jax.local_devices(backend="cpu")[0]
-
-        def epoch_lr(step: int) -> float:
-            """The learning rate of the epoch's last step, computed on the host's CPU device
-            (not queued on an accelerator behind the next epoch's steps)."""
-            with jax.default_device(host):
-                return float(schedule(step - 1))
-
-        if step < total_steps:
-            train_compiled.result()  # raises what compiling raised
-        # The last epoch's report, deferred until the next epoch's first chunk is queued: the
-        # devices train on while the host reads back, checkpoints and writes (on an H200 that
-        # bookkeeping left the GPU idle ~0.15 s per epoch, ~10% of an epoch).
-        deferred = None
-        epoch_start = time.perf_counter()
-        with _Preemption() as preemption:
-            while step < total_steps:
-                epoch, position = divmod(step, steps_per_epoch)
-                end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-                perm = permutation(np.int32(config.seed), epoch, num_train)
-                if deferred is None:
-                    progress.start_epoch(epoch, config.epochs, end, position)
-                images, pending, stop = 0, None, False
-
-                while position < end and not stop:
-                    # Chunks end on multiples of `dispatch` within the epoch, so a resumed run
-                    # groups steps exactly as an uninterrupted one.
-                    n = min(dispatch - position % dispatch, end - position)
-                    try:
-                        state, accum, chunk_loss = train_loop(state, accum, ddata, perm,
-                                                              np.int32(position), np.int32(n))
-                    except Exception:
-                        if deferred is not None:  # (out of memory, say) keep the last epoch
-                            deferred()
-                            checkpointer.wait()
-                        raise
-                    position, step, images = position + n, step + n, images + n * config.batch_size
-                    if deferred is not None:
-                        last, epoch_start = deferred()
-                        deferred = None
-                        progress.start_epoch(epoch, config.epochs, end, position - n)
-                    if pending is not None:
-                        finish(pending, accum)
-                    pending = (chunk_loss, n)
-                    stop = _any_process(preemption.signum is not None)
-                # Blocks until the epoch's training is done; the devices then idle only while
-                # the host queues the evaluation and the next epoch's first chunk.
-                finish(pending, accum)
-                train_end = time.perf_counter()
-                progress.end_epoch()
-                if stop and position < steps_per_epoch and step < total_steps:
-                    save(step, None, {"state": state.arrays(), "accum": accum})
-                    checkpointer.wait()
-                    if is_main:
-                        print(f"checkpointed step {step} to {checkpointer.directory / str(step)}; "
-                              "run the same command to resume", flush=True)
-                    break
-                eval_compiled.result()
-                eval_sums = eval_loop(state, ddata, eval_idx, eval_mask)
-                going_on = step < total_steps and not stop
-                epoch_accum, tree = accum, None
-                if position == steps_per_epoch:
-                    # Global (replicated) arrays: a multi-process save or train step rejects the
-                    # single-device arrays empty_accum() returns.
-                    accum = replicate(empty_accum(), mesh)
-                if not going_on or (epoch + 1) % config.checkpoint_every == 0:
-                    # A copy of the state if the next epoch's first chunk, which takes the state's
-                    # buffers (donated), is queued before the checkpoint is written.
-                    tree = {"state": (jax.tree.map(_copy, state.arrays()) if going_on
-                                      else state.arrays()),
-                            "accum": accum if position < steps_per_epoch else
-                            replicate(empty_accum(), mesh)}
-                deferred = functools.partial(report, epoch, position, step, images,
-                                             train_end - epoch_start, train_end, epoch_accum,
-                                             eval_sums, tree)
-                tree = None  # (the copy lives only as long as `deferred`)
-                if not going_on:
-                    last, epoch_start = deferred()
-                    deferred = None
-                if stop:
-                    checkpointer.wait()
-                    if is_main:
-                        print(f"checkpointed step {step}; run the same command to resume",
-                              flush=True)
-                    break
-        if step < total_steps and last:  # stopped by a signal: not done
-            last = {**last, "stopped": True}
-        checkpointer.wait()
+        start = finetune.load_start(plan.config, programs.abstract["state"], load_checkpoint)
+    except BaseException:
         checkpointer.close()
-        writer.close()
-        return last
+        raise
+    if is_main:
+        print(start.line, flush=True)
+    return start
+
+
+def save_resolved_config(plan: Plan, mesh: Mesh, start: finetune.Start | None) -> None:
+    """Writes config.json: the Config, and what it resolved to on this machine."""
+    config = plan.config
+    resolved = {**dataclasses.asdict(config), "resolved": {
+        "devices": mesh.size, "processes": jax.process_count(),
+        "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+        "steps_per_dispatch": plan.dispatch, "data_source": plan.dataset.source,
+        "stem_conv": models.resolve_stem_conv(config.stem_conv, config.stem),
+        "conv": models.resolve_conv(config.conv),
+        "grouped_conv": models.resolve_grouped_conv(config.grouped_conv),
+        "init_from": finetune.record(start, plan.workdir), "jax_version": jax.__version__}}
+    # Atomic: the other processes may be reading it (_check_workdir), or a kill may land.
+    atomic_write(plan.workdir / "config.json", json.dumps(resolved, indent=2) + "\n")
+
+
+def startup_report(plan: Plan, programs: Programs, restored: Restored | None,
+                   checkpoints: Path) -> str:
+    """A few lines on what the run trains, on what, with what, and for how long."""
+    config, dataset, mesh = plan.config, plan.dataset, programs.mesh
+    height, width, channels = dataset.spec.image_shape
+    params = models.param_count(programs.abstract["state"]["params"])
+    epochs = -(-plan.total_steps // plan.steps_per_epoch)
+    lines = [
+        f"data: {config.dataset} ({dataset.source}): {plan.num_train:,} train and "
+        f"{len(dataset.test_labels):,} test images, {height}x{width}x{channels} resized to "
+        f"{config.image_size}x{config.image_size}",
+        f"model: {config.arch} ({config.stem} stem, width {config.width}), {params:,} "
+        f"parameters, {config.precision} precision",
+        f"devices: {mesh.size} x {jax.devices()[0].device_kind} ({jax.default_backend()}) in "
+        f"{_count(jax.process_count(), 'process', 'processes')}",
+        f"steps: {plan.steps_per_epoch:,} per epoch of batch {config.batch_size}, "
+        f"{plan.total_steps:,} in all ({_count(epochs, 'epoch')}), {plan.dispatch} per dispatch",
+        f"workdir: {plan.workdir}"]
+    if restored is not None:
+        lines.append(f"resuming from {checkpoints / str(restored.step)} (step {restored.step})")
+    return "\n".join(lines)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
+class Books:
+    """The host's side of a run, across epochs: the history of records, the epoch report still
+    to write, the clocks, the checkpoints and metrics written, the progress shown."""
+
+    def __init__(self, plan: Plan, checkpointer: Checkpointer, history: list[dict],
+                 wall_offset: float, is_main: bool) -> None:
+        config = plan.config
+        self.plan, self.checkpointer, self.is_main = plan, checkpointer, is_main
+        self.writer = MetricsWriter(plan.workdir, enabled=is_main,
+                                    title=f"{config.arch} on {config.dataset} "
+                                          f"({config.image_size}px)")
+        self.writer.reset(history)
+        self.progress = Progress(enabled=is_main)
+        self.last: dict = history[-1] if history else {}  # the latest record
+        self.pending_report: Callable[[], None] | None = None
+        self.wall_offset = wall_offset  # the wall time of the run before this process
+        self.run_start = self.epoch_start = time.perf_counter()
+        self.schedule = learning_rate_schedule(config, plan.steps_per_epoch)
+        self.estimate = _EpochEstimate(plan.steps_per_epoch,
+                                       is_main and jax.default_backend() == "cpu")
+
+    def save(self, step: int, record: dict | None, tree: dict) -> None:
+        """Checkpoints `tree` at `step` (asynchronously), with the history up to `record`."""
+        meta = {"step": step, "history": self.writer.history + ([record] if record else []),
+                "config": identity(self.plan.config),
+                "wall_time": self.wall_offset + time.perf_counter() - self.run_start}
+        metrics = ({"val_accuracy": record["val_accuracy"]}
+                   if record and not record.get("partial") else None)
+        self.checkpointer.save(step, tree, meta, metrics)
+
+    def diverged(self, what: str) -> DivergedError:
+        """The error for a loss that stopped being finite, naming the last good checkpoint."""
+        kept = self.checkpointer.steps()
+        return DivergedError(
+            f"{what}; " + (f"the last good checkpoint, step {kept[-1]}, is kept in "
+                           f"{self.checkpointer.directory}" if kept
+                           else "no checkpoint had been saved"))
+
+    def finish_chunk(self, chunk_loss: jax.Array, n: int, accum: dict) -> None:
+        """Reads back a chunk's loss (blocking on that chunk only; the next one is queued),
+        checks it and shows it."""
+        loss = float(chunk_loss) / n
+        if not np.isfinite(loss):
+            bad = int(accum["nonfinite_step"])  # steps done before the bad one
+            raise self.diverged(f"loss became {loss} at step {bad + 1} "
+                                f"(epoch {bad // self.plan.steps_per_epoch + 1})")
+        self.progress.update(n, n * self.plan.config.batch_size, loss)
+        if line := self.estimate.steps_done(n):
+            self.progress.write(line)
+
+    def defer_report(self, end: EpochEnd, accum: dict, eval_sums: dict,
+                     tree: dict | None) -> None:
+        """Holds the epoch's report until `write_pending_report` (see `train_epoch`)."""
+        self.pending_report = functools.partial(self.report, end, accum, eval_sums, tree)
+
+    def write_pending_report(self) -> bool:
+        """Writes the report held by `defer_report`, if any; whether there was one."""
+        report, self.pending_report = self.pending_report, None
+        if report is not None:
+            report()
+        return report is not None
+
+    def report(self, end: EpochEnd, accum: dict, eval_sums: dict, tree: dict | None) -> None:
+        """An epoch's bookkeeping once its evaluation (queued on the devices) is read back:
+        its record, checkpoint `tree` (if any), metrics and line. The next epoch's clock
+        starts when the evaluation was read back."""
+        steps, spe = int(accum["steps"]), self.plan.steps_per_epoch
+        val = summarize_eval(eval_sums)  # blocks until its evaluation is done
+        eval_end = time.perf_counter()
+        if not np.isfinite(val["val_loss"]):  # the epoch's last update broke the weights
+            raise self.diverged(f"the validation loss became {val['val_loss']} after step "
+                                f"{end.step} (epoch {end.epoch + 1}), though the training loss "
+                                "was finite")
+        record = {"epoch": round(end.epoch + end.position / spe, 4), "step": end.step,
+                  "train_loss": float(accum["loss_sum"]) / steps,
+                  "train_accuracy": float(accum["accuracy_sum"]) / steps, **val,
+                  "learning_rate": self.learning_rate(end.step),
+                  "images_per_sec": end.images / end.train_time,
+                  # Where the time went: waiting for compilation shows in the first epoch's
+                  # wall_time (the eval program's in its eval_time).
+                  "train_time": end.train_time, "eval_time": eval_end - end.train_end,
+                  "wall_time": self.wall_offset + eval_end - self.run_start}
+        if end.position < spe:
+            record["partial"] = True
+        if tree is not None:
+            self.save(end.step, record, tree)
+        self.writer.write(record)
+        if self.is_main:
+            print(format_record(record, self.plan.config.epochs), flush=True)
+        self.last, self.epoch_start = record, eval_end
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the epoch's last step, computed on the host's CPU device
+        (not queued on an accelerator behind the next epoch's steps)."""
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            return float(self.schedule(step - 1))
+
+    def close(self, stopped: bool) -> dict:
+        """Waits for the checkpoint being written and closes the outputs; the last record,
+        marked stopped if a signal stopped the run before its last step."""
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.writer.close()
+        return {**self.last, "stopped": True} if stopped and self.last else self.last
+
+
+class _EpochEstimate:
+    """On a CPU, where an epoch can take many minutes: once a few steps after the first are
+    timed, one line with the expected time per epoch."""
+
+    STEPS = 3
+
+    def __init__(self, steps_per_epoch: int, enabled: bool) -> None:
+        self.steps_per_epoch, self.enabled = steps_per_epoch, enabled
+        self.start: float | None = None
+        self.steps = 0
+
+    def steps_done(self, n: int) -> str | None:
+        """Counts `n` steps just read back; the line, once, when enough are timed."""
+        if not self.enabled:
+            return None
+        now = time.perf_counter()
+        if self.start is None:  # (the first chunk also waited for the devices to warm up)
+            self.start = now
+            return None
+        self.steps += n
+        if self.steps < self.STEPS:
+            return None
+        self.enabled = False
+        per_step = (now - self.start) / self.steps
+        return (f"cpu: about {_duration(per_step * self.steps_per_epoch)} per epoch "
+                f"({per_step:.3g} s per step, timed over {self.steps} steps)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """Where an epoch's training stopped, and how long it took."""
+
+    epoch: int  # 0-based
+    position: int  # the epoch's steps done
+    step: int  # the run's steps done
+    images: int  # trained on by this process's run of the epoch
+    train_time: float
+    train_end: float  # time.perf_counter() when its last chunk was read back
+    stop: bool  # a signal asked the run to stop
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInputs:
+    """The dataset on the devices, and the padded test batches evaluation runs over."""
+
+    data: DeviceData
+    eval_idx: jax.Array
+    eval_mask: jax.Array
+
+
+def put_inputs(plan: Plan, mesh: Mesh) -> DeviceInputs:
+    """The plan's dataset and test batches, replicated over `mesh`."""
+    return DeviceInputs(put_dataset(plan.dataset, mesh), *replicate(_eval_batches(plan), mesh))
+
+
+def train_epoch(plan: Plan, programs: Programs, inputs: DeviceInputs, books: Books,
+                state: TrainState, accum: dict, preemption: _Preemption,
+                ) -> tuple[TrainState, dict, EpochEnd]:
+    """Trains from `state`'s step to the epoch's end (or this run's last step) in chunks,
+    reading each chunk's loss back while the next one runs; a signal stops it after a chunk."""
+    config, step = plan.config, int(state.step)
+    epoch, position = divmod(step, plan.steps_per_epoch)
+    end = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
+    perm = programs.permutation(np.int32(config.seed), epoch, plan.num_train)
+    if books.pending_report is None:
+        books.progress.start_epoch(epoch, config.epochs, end, position)
+    images, pending, stop = 0, None, False
+    while position < end and not stop:
+        # Chunks end on multiples of `dispatch` within the epoch, so a resumed run groups
+        # steps exactly as an uninterrupted one.
+        n = min(plan.dispatch - position % plan.dispatch, end - position)
+        try:
+            state, accum, chunk_loss = programs.train_loop(
+                state, accum, inputs.data, perm, np.int32(position), np.int32(n))
+        except Exception:
+            if books.write_pending_report():  # (out of memory, say) keep the last epoch
+                books.checkpointer.wait()
+            raise
+        position, step, images = position + n, step + n, images + n * config.batch_size
+        # The overlap: the last epoch's report (read back, checkpoint, metrics) was deferred
+        # until now, so the devices train on while the host writes it (on an H200 that
+        # bookkeeping left the GPU idle ~0.15 s per epoch, ~10% of an epoch).
+        if books.write_pending_report():
+            books.progress.start_epoch(epoch, config.epochs, end, position - n)
+        if pending is not None:
+            books.finish_chunk(*pending, accum)
+        pending = (chunk_loss, n)
+        stop = _any_process(preemption.signum is not None)
+    # Blocks until the epoch's training is done; the devices then idle only while the host
+    # queues the evaluation and the next epoch's first chunk.
+    books.finish_chunk(*pending, accum)
+    train_end = time.perf_counter()
+    books.progress.end_epoch()
+    return state, accum, EpochEnd(epoch, position, step, images,
+                                  train_end - books.epoch_start, train_end, stop)
+
+
+def end_epoch(plan: Plan, programs: Programs, inputs: DeviceInputs, books: Books,
+              state: TrainState, accum: dict, end: EpochEnd) -> dict:
+    """Queues the epoch's evaluation, and its report and checkpoint, written at once when the
+    run ends here, else deferred (see `train_epoch`). Returns the next chunk's running sums."""
+    programs.eval_ready.result()
+    eval_sums = programs.eval_loop(state, inputs.data, inputs.eval_idx, inputs.eval_mask)
+    going_on = end.step < plan.total_steps and not end.stop
+    epoch_accum, tree, mesh = accum, None, programs.mesh
+    if end.position == plan.steps_per_epoch:
+        # Global (replicated) arrays: a multi-process save or train step rejects the
+        # single-device arrays empty_accum() returns.
+        accum = replicate(empty_accum(), mesh)
+    if not going_on or (end.epoch + 1) % plan.config.checkpoint_every == 0:
+        # A copy of the state if the next epoch's first chunk, which takes the state's buffers
+        # (donated), is queued before the checkpoint is written.
+        tree = {"state": (jax.tree.map(_copy, state.arrays()) if going_on
+                          else state.arrays()),
+                "accum": accum if end.position < plan.steps_per_epoch else
+                replicate(empty_accum(), mesh)}
+    books.defer_report(end, epoch_accum, eval_sums, tree)
+    if not going_on:
+        books.write_pending_report()
+    return accum
+
+
+def checkpoint_and_stop(books: Books, end: EpochEnd, tree: dict | None) -> None:
+    """Preemption: checkpoints `tree` (a run stopped mid-epoch: its state and the epoch's
+    running sums; None where the epoch's report saved it) and says how to resume."""
+    where = ""
+    if tree is not None:
+        books.save(end.step, None, tree)
+        where = f" to {books.checkpointer.directory / str(end.step)}"
+    books.checkpointer.wait()
+    if books.is_main:
+        print(f"checkpointed step {end.step}{where}; run the same command to resume",
+              flush=True)
+
+
+def run_epochs(plan: Plan, programs: Programs, inputs: DeviceInputs, books: Books,
+               state: TrainState, accum: dict) -> int:
+    """The loop over epochs, until this run's last step or a signal; returns the last step."""
+    step = int(state.step)
+    with _Preemption() as preemption:
+        while step < plan.total_steps:
+            state, accum, end = train_epoch(plan, programs, inputs, books, state, accum,
+                                            preemption)
+            step = end.step
+            if end.stop and end.position < plan.steps_per_epoch and step < plan.total_steps:
+                checkpoint_and_stop(books, end, {"state": state.arrays(), "accum": accum})
+                break
+            accum = end_epoch(plan, programs, inputs, books, state, accum, end)
+            if end.stop:
+                checkpoint_and_stop(books, end, None)
+                break
+    return step
+
+
+def start_books(plan: Plan, checkpointer: Checkpointer, restored: Restored | None,
+                is_main: bool) -> Books:
+    """The run's books, from the history of the checkpoint resumed (none for a fresh run)."""
+    history = restored.meta.get("history", []) if restored else []
+    # A record of a run stopped early by --max_steps is superseded once training continues.
+    history = [r for r in history if not r.get("partial") or r["step"] >= plan.total_steps]
+    wall_offset = history[-1]["wall_time"] if history else 0.0
+    if restored is not None:  # its own clock: a stop mid-epoch would lose the time since
+        wall_offset = restored.meta.get("wall_time", wall_offset)  # the last record
+    return Books(plan, checkpointer, history, wall_offset, is_main)
+
+
+def train_and_evaluate(config: Config, mesh: Mesh | None = None) -> dict:
+    """Trains and evaluates as `config` says, resuming from the workdir's latest checkpoint.
+
+    Returns the last metrics record (one dict per epoch is also appended to metrics.jsonl),
+    marked ``"stopped": True`` when SIGTERM/SIGINT stopped the run before its last step.
+    Raises UserError for bad input, DivergedError if the loss stops being finite.
+    """
+    validate(config)
+    use_compilation_cache(config.compilation_cache)
+    mesh = mesh if mesh is not None else make_mesh()
+    is_main = jax.process_index() == 0
+    plan = make_plan(config, mesh, is_main)
+    programs = build_programs(plan, mesh)
+    checkpointer = Checkpointer(plan.workdir / "checkpoints", config.keep_checkpoints)
+    restored = restore_latest(plan, checkpointer, programs, is_main)
+    start = fine_tune_start(plan, checkpointer, programs, restored, is_main)
+    if is_main:
+        save_resolved_config(plan, mesh, start)
+        print(startup_report(plan, programs, restored, checkpointer.directory), flush=True)
+    step = restored.step if restored else 0
+    compiler = ThreadPoolExecutor(1, thread_name_prefix="compile")
+    try:
+        if step < plan.total_steps:  # (a finished run compiles nothing)
+            programs = compile_ahead(compiler, plan, programs)
+        tree = restored.tree if restored else finetune.apply_start(programs.init(), start)
+        state, accum = programs.state(plan.model, tree), tree["accum"]
+        inputs = put_inputs(plan, mesh)
+        books = start_books(plan, checkpointer, restored, is_main)
+        if step < plan.total_steps:
+            programs.train_ready.result()  # raises what compiling raised
+        books.epoch_start = time.perf_counter()  # (the first epoch's time leaves compiling out)
+        step = run_epochs(plan, programs, inputs, books, state, accum)
+        return books.close(stopped=step < plan.total_steps)
     except BaseException:
         # Whatever stops the run (a closed output pipe, say) lets the checkpoint being written
         # finish, rather than the interpreter's exit cut it off mid-write.

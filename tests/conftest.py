@@ -8,21 +8,48 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fashion_mnist_dir() -> Path:
-    # CI points FASHION_MNIST_DIR at the shared copy; locally it lies beside the checkout.
+def _places() -> list[Path]:
+    """Where the real Fashion-MNIST's IDX files are looked for: FASHION_MNIST_DIR alone if set,
+    else where the trainer looks untold (TFDS's data dir, whose downloads/manual/ holds the
+    original files, then Debian's package dataset-fashion-mnist), then ../shared/data beside
+    the checkout."""
     env = os.environ.get("FASHION_MNIST_DIR")
+    if env:
+        return [Path(env)]
+    tfds = Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
+    debian = Path("/usr/share/datasets/fashion-mnist")  # as resnet_jax.data's table says
+    return [tfds / "downloads" / "manual", debian, REPO.parent / "shared" / "data" /
+            "fashion_mnist"]
+
+
+def _fashion_mnist_dir() -> Path | None:
     # Absolute: tests symlink to it from elsewhere.
-    return Path(env).resolve() if env else REPO.parent / "shared" / "data" / "fashion_mnist"
+    return next((p.resolve() for p in _places() if (p / "train-images-idx3-ubyte.gz").is_file()),
+                None)
+
+
+def _not_found() -> str:
+    return f"real Fashion-MNIST not found in {', '.join(map(str, _places()))}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line (also under -q) when tests were skipped for want of the real data."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if _not_found() in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{_not_found()}: {len(skipped)} tests on it skipped (apt-get install "
+            "dataset-fashion-mnist, or set FASHION_MNIST_DIR)")
 
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     """The folder with the four original Fashion-MNIST IDX .gz files (real data)."""
     path = _fashion_mnist_dir()
-    if not (path / "train-images-idx3-ubyte.gz").is_file():
+    if path is None:
         if os.environ.get("CI") or os.environ.get("FASHION_MNIST_DIR"):  # asked for: a failure
-            pytest.fail(f"real Fashion-MNIST not found at {path} (set FASHION_MNIST_DIR)")
-        pytest.skip(f"real Fashion-MNIST not found at {path} (set FASHION_MNIST_DIR)")
+            pytest.fail(f"{_not_found()} (set FASHION_MNIST_DIR)")
+        pytest.skip(_not_found())
     return path
 
 

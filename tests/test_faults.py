@@ -109,7 +109,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(reference, fashio
         outputs.append(out)
     resumed = [int(m) for out in outputs for m in re.findall(r"resuming from \S+ \(step (\d+)\)",
                                                               out)]
-    # shown with -s; the README quotes these runs
+    # shown with -s; docs/reliability.md quotes these runs
     print(f"{kills} kills; restarts resumed from steps {resumed}; final state identical")
     assert kills >= 2 and len(set(resumed) - {0}) >= 2, (kills, resumed)
 
@@ -174,10 +174,13 @@ def test_resume_mid_epoch_and_mid_dispatch_is_bit_identical(run_train, tmp_path)
 
 def test_a_closed_output_pipe_stops_quietly_and_keeps_the_checkpoint(fashion_mnist_dir,
                                                                      tmp_path):
-    # `train.py ... | head -0`: the first epoch's line finds no reader. The run stops with
-    # status 141 and nothing on stderr, after the checkpoint being written is finished.
+    # The reader goes away after the start-up report and the CPU's time estimate (at step 4):
+    # the first epoch's line finds no reader. The run stops with status 141 and nothing on
+    # stderr, after the checkpoint being written is finished.
     proc = popen_train(fashion_mnist_dir, tmp_path / "piped")
-    proc.stdout.close()
+    while not (line := proc.stdout.readline()).startswith("cpu: about "):
+        assert line, proc.stderr.read()[-2000:]
+    proc.stdout.close()  # (the epoch's 4 other steps and evaluation take far longer than this)
     assert proc.wait(timeout=300) == 141
     assert proc.stderr.read() == ""
     kept = sorted(p.name for p in (tmp_path / "piped" / "checkpoints").iterdir())

@@ -9,12 +9,16 @@ import pytest
 from resnet_jax import finetune, interop, models
 from resnet_jax.config import Config
 from resnet_jax.errors import UserError
-from resnet_jax.train import build_model
+from resnet_jax.train import build_model, load_checkpoint
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
                                 reason="safetensors not installed")
 RUN = Config(arch="resnet18", variant="torchvision", image_size=32)
 
+
+
+def _load_start(config, abstract):
+    return finetune.load_start(config, abstract, load_checkpoint)
 
 def _abstract(config: Config, channels: int = 1) -> dict:
     model = build_model(config, num_classes=10)
@@ -37,7 +41,7 @@ def _imagenet_file(tmp_path, **options) -> tuple[str, dict]:
 
 def test_head_is_left_to_the_fresh_init_and_the_stem_summed_for_one_channel(tmp_path):
     path, state_dict = _imagenet_file(tmp_path)
-    start = finetune.load_start(RUN.replace(init_from=path), _abstract(RUN))
+    start = _load_start(RUN.replace(init_from=path), _abstract(RUN))
     assert start.line == (
         f"--init_from {path}: resnet18 weights from a PyTorch file; fc re-initialised for 10 "
         "classes (the source has 1000); conv1's kernel summed over its 3 input channels for "
@@ -58,7 +62,7 @@ def test_head_is_left_to_the_fresh_init_and_the_stem_summed_for_one_channel(tmp_
 def test_a_three_channel_run_with_1000_classes_takes_every_weight(tmp_path):
     path, _ = _imagenet_file(tmp_path)
     model = build_model(RUN, num_classes=1000)
-    start = finetune.load_start(RUN.replace(init_from=path),
+    start = _load_start(RUN.replace(init_from=path),
                                 models.abstract_variables(model, (1, 32, 32, 3)))
     assert start.notes[1:] == ("every weight and batch-norm statistic taken",)
     assert len(start.variables) == len(jax.tree.leaves(
@@ -69,16 +73,16 @@ def test_mistakes_are_one_line_user_errors(tmp_path):
     path, _ = _imagenet_file(tmp_path)
     with pytest.raises(UserError, match="a PyTorch file has torchvision's layout; give "
                                         "--variant=torchvision"):
-        finetune.load_start(Config(init_from=path), _abstract(Config()))
+        _load_start(Config(init_from=path), _abstract(Config()))
     narrow = RUN.replace(init_from=path, width=32)
     with pytest.raises(UserError) as error:
-        finetune.load_start(narrow, _abstract(narrow))
+        _load_start(narrow, _abstract(narrow))
     assert "its weights do not fit this run's model (check --arch, --variant, --width, " \
            "--stem): " in str(error.value)
     assert "misshaped: batch_stats/bn1/mean (64,) (this run: (32,))" in str(error.value)
     with pytest.raises(UserError, match=r"the weights are resnet18's, not resnet34's"):
-        finetune.load_start(RUN.replace(arch="resnet34", init_from=path),
+        _load_start(RUN.replace(arch="resnet34", init_from=path),
                             _abstract(RUN.replace(arch="resnet34")))
     with pytest.raises(UserError, match=r"--init_from .*nothing\.pth: no such file: "):
-        finetune.load_start(RUN.replace(init_from=str(tmp_path / "nothing.pth")),
+        _load_start(RUN.replace(init_from=str(tmp_path / "nothing.pth")),
                             _abstract(RUN))

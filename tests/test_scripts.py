@@ -210,3 +210,42 @@ def test_help_shows_only_defaults_that_say_something(script):
     noises = ["(default: None)", "(default: [])"] + ["(default: False)"] * (script != "train.py")
     for noise in noises:
         assert noise not in text, (script, noise)
+
+
+def test_the_start_up_report_comes_before_any_compilation(fashion_mnist_dir, tmp_path):
+    # What a user sees first with `train.py > log`: what is trained, on what, for how long.
+    from resnet_jax import models
+
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, str(TRAIN), f"--data_dir={fashion_mnist_dir}", f"--workdir={workdir}",
+           *TINY, "--epochs=2", "--max_steps=5"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1"}
+    first = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:]
+    lines = first.stdout.splitlines()
+    compiling = next(i for i, line in enumerate(lines) if "Compiling " in line)
+    # (JAX_LOG_COMPILES also logs tracing, as WARNING lines)
+    report = [line for line in lines[:compiling] if not line.lower().startswith("warning")]
+    params = models.param_count(models.abstract_variables(
+        models.create_model("resnet18", num_classes=10, stem="small", width=4), (1, 16, 16, 1)))
+    assert report == [
+        f"data: fashion_mnist (raw IDX files in {fashion_mnist_dir}): 256 train and 10,000 test "
+        "images, 28x28x1 resized to 16x16",
+        f"model: resnet18 (small stem, width 4), {params:,} parameters, fp32 precision",
+        "devices: 1 x cpu (cpu) in 1 process",
+        "steps: 8 per epoch of batch 32, 5 in all (1 epoch), 1 per dispatch",
+        f"workdir: {workdir}"], report
+    # On a CPU, once the steps after the first are timed: the expected time per epoch.
+    estimate = [line for line in lines if line.startswith("cpu: about ")]
+    assert len(estimate) == 1 and "per epoch (" in estimate[0], lines
+    assert "timed over 3 steps" in estimate[0]
+    assert lines.index(estimate[0]) < next(i for i, line in enumerate(lines)
+                                           if line.startswith("epoch 0.625/2 step 5"))
+
+    again = subprocess.run(cmd[:-1] + ["--max_steps=6"], capture_output=True, text=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = again.stdout.splitlines()
+    assert lines[3] == "steps: 8 per epoch of batch 32, 6 in all (1 epoch), 1 per dispatch"
+    assert lines[5] == f"resuming from {workdir / 'checkpoints' / '5'} (step 5)"
