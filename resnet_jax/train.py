@@ -753,19 +753,35 @@ def use_compilation_cache(setting: str) -> Path | None:
     JAX already has a cache folder (the user's JAX_COMPILATION_CACHE_DIR wins); returns it."""
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
-    if setting == "off" or (setting == "auto" and jax.default_backend() == "cpu"):
+    folder = compilation_cache_dir(setting)
+    if folder is None:
         return None
-    if setting == "auto":
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        setting = str(Path(base) / "resnet_jax" / "xla")
-    else:  # a folder named by the user: one line now, not a warning per program later
-        check_writable(setting, "--compilation_cache")
-    jax.config.update("jax_compilation_cache_dir", setting)
+    if setting != "auto":  # a folder named by the user: one line now, not a warning per program
+        check_writable(folder, "--compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", str(folder))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         # JAX caches only programs that took >= 1 s to compile; on an H200 the eval and
         # data-order programs took 0.5-0.9 s each, every run.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return folder
+
+
+def compilation_cache_dir(setting: str, backend: str | None = None) -> Path | None:
+    """The folder `--compilation_cache` names on `backend` (default: JAX's): "auto" is
+    ~/.cache/resnet_jax/xla (under $XDG_CACHE_HOME if set) on an accelerator and none on a CPU,
+    whose programs compile in seconds and would fill the cache; "off" is none."""
+    if setting == "off" or (setting == "auto" and (backend or jax.default_backend()) == "cpu"):
+        return None
+    if setting == "auto":
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resnet_jax/xla"
     return Path(setting)
+
+
+def default_steps_per_dispatch(backend: str | None = None) -> int:
+    """Train steps per jitted call when `--steps_per_dispatch` is 0, on `backend` (default:
+    JAX's): 1 on a CPU, where XLA:CPU runs a convolution inside a loop several times slower
+    (benchmarks.md), 100 on an accelerator, where each dispatch costs host time."""
+    return 1 if (backend or jax.default_backend()) == "cpu" else 100
 
 
 # --------------------------------------------------------------------------------------------
@@ -811,7 +827,7 @@ def make_plan(config: Config, mesh: Mesh, is_main: bool) -> Plan:
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    dispatch = config.steps_per_dispatch or (1 if jax.default_backend() == "cpu" else 100)
+    dispatch = config.steps_per_dispatch or default_steps_per_dispatch()
     return Plan(config, dataset, model, steps_per_epoch, total_steps, dispatch,
                 _check_workdir(config, is_main))
 

@@ -286,3 +286,21 @@ def test_prediction_files_are_checked_whole(tmp_path):
     with pytest.raises(UserError, match="other.npz holds predictions over other classes"):
         evaluate_ensemble([], saved=[tmp_path / "good.npz", tmp_path / "other.npz"])
 
+
+
+@pytest.mark.parametrize("backend, dispatch, cached", [
+    ("cpu", 1, False), ("gpu", 100, True), ("tpu", 100, True)])
+def test_backend_defaults_follow_the_backend_given(backend, dispatch, cached, monkeypatch,
+                                                   tmp_path):
+    from resnet_jax.train import compilation_cache_dir, default_steps_per_dispatch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_steps_per_dispatch(backend) == dispatch
+    auto = compilation_cache_dir("auto", backend)
+    assert auto == (tmp_path / "resnet_jax" / "xla" if cached else None)
+    assert compilation_cache_dir("off", backend) is None
+    assert compilation_cache_dir(str(tmp_path / "c"), backend) == tmp_path / "c"
+    # Without a backend, JAX's own is asked: on this test's, the same as naming it.
+    here = jax.default_backend()
+    assert default_steps_per_dispatch() == default_steps_per_dispatch(here)
+    assert compilation_cache_dir("auto") == compilation_cache_dir("auto", here)
