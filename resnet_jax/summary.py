@@ -43,7 +43,7 @@ class Layer:
 def layers(model: models.ResNet, input_shape: Sequence[int]) -> list[Layer]:
     """The model's direct submodules in call order, with their shapes, parameters and FLOPs
     (`input_shape` NHWC, eval mode)."""
-    model = model.clone(stem_conv="direct")  # as model_flops counts (auto may pick another)
+    model = model.clone(stem_conv="direct", conv="xla")  # as model_flops counts (auto may not)
     variables = models.abstract_variables(model, input_shape)
     calls = []
 
