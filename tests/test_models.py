@@ -589,16 +589,23 @@ def test_chapter_resnext_block_shapes_and_shortcut():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_chapter_network_stem_first_stage_and_head_by_hand():
-    # D2L 8.6.3's b1: 7x7/2 conv (pad 3, bias) -> BN -> ReLU -> 3x3/2 max-pool (pad 1); then
-    # the basic blocks; the head: global average pool -> dense.
-    model = models.create_model("resnet18", width=8)
-    # 64x64: the last stage is 2x2, so that its pooling is a mean over several positions.
-    x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 64, 64, 3)), jnp.float32)
+def _stem_by_hand(name: str, side: int, seed: int):
+    """A width-8 model's variables, its logits and blocks' outputs on random input, and its
+    stem computed by hand: D2L 8.6.3's b1, 7x7/2 conv (pad 3, bias) -> BN -> ReLU -> 3x3/2
+    max-pool (pad 1)."""
+    model = models.create_model(name, width=8)
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(2, side, side, 3)), jnp.float32)
     variables = random_variables(model, x.shape)
     p, s = variables["params"], variables["batch_stats"]
     logits, inter = intermediates(model, variables, x)
-    h = max_pool(jax.nn.relu(bn(conv(x, p["conv1"], 2), p["bn1"], s["bn1"])))
+    return p, s, logits, inter, max_pool(jax.nn.relu(bn(conv(x, p["conv1"], 2), p["bn1"],
+                                                         s["bn1"])))
+
+
+def test_chapter_network_stem_first_stage_and_head_by_hand():
+    # The stem, then the basic blocks; the head: global average pool -> dense. At 64x64 the
+    # last stage is 2x2, so that its pooling is a mean over several positions.
+    p, s, logits, inter, h = _stem_by_hand("resnet18", 64, seed=8)
     chex.assert_shape(h, (2, 16, 16, 8))  # 64 -> 32 (conv) -> 16 (pool)
     for name in ("layer1_0", "layer1_1"):  # identity shortcuts: 8 channels, stride 1
         q, t = p[name], s[name]
@@ -613,12 +620,7 @@ def test_chapter_network_stem_first_stage_and_head_by_hand():
 def test_plain_networks_compute_no_shortcut():
     # A function check (an identity shortcut has no parameters to miss): every block of the
     # first two stages is conv -> BN -> ReLU -> conv -> BN -> ReLU of its input, nothing added.
-    model = models.create_model("plain18", width=8)
-    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 32, 32, 3)), jnp.float32)
-    variables = random_variables(model, x.shape)
-    p, s = variables["params"], variables["batch_stats"]
-    _, inter = intermediates(model, variables, x)
-    h = max_pool(jax.nn.relu(bn(conv(x, p["conv1"], 2), p["bn1"], s["bn1"])))
+    p, s, _, inter, h = _stem_by_hand("plain18", 32, seed=9)
     for name, strides in (("layer1_0", 1), ("layer1_1", 1), ("layer2_0", 2), ("layer2_1", 1)):
         q, t = p[name], s[name]
         assert "downsample_conv" not in q
