@@ -13,7 +13,8 @@ own convolutions while a CPU gets what is fast there:
   below). In a train step on XLA:CPU, im2col ran the chapter's ResNet-18 2-4x faster at
   28x28-32x32 (benchmarks.md); for tiny convolutions (a few MFLOP, as in unit tests) it was
   slower and took ~1.7x longer to compile. ``"auto"`` is ``"by_size"`` on a CPU, ``"xla"``
-  elsewhere.
+  elsewhere. The stem's max-pool goes with it (:func:`max_pool`): XLA's reduce-window under
+  ``"xla"``, else :func:`max_pool_slices`, whose gradient needs no scatter.
 * ``grouped_conv`` (convs with groups, ResNeXt, under ``conv="xla"``): ``"native"``
   (``feature_group_count``) or ``"split"`` (:func:`conv_per_group`); ``"auto"`` splits on a CPU.
   Under ``conv="im2col"`` groups are a batched matrix product and this option has no effect.
@@ -29,6 +30,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -95,6 +97,16 @@ def conv_function(conv: str, grouped_conv: str = "auto", *, groups: int = 1,
     return inner
 
 
+def max_pool(conv: str) -> Callable[[jax.Array], jax.Array]:
+    """The stem's 3x3/2 max-pool (padding 1) that goes with the resolved or ``"auto"`` ``conv``:
+    XLA's reduce-window under ``"xla"``, else :func:`max_pool_slices` (the same values and
+    gradients)."""
+    if resolve_conv(conv) == "xla":
+        return functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),
+                                 padding=((1, 1), (1, 1)))
+    return max_pool_slices
+
+
 def _is_plain_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
                    lhs_dilation: Any, rhs_dilation: Any) -> bool:
     undilated = all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation))
@@ -147,6 +159,65 @@ def conv_im2col(
     kernel = rhs.reshape(kh * kw, cg, g, out // g)
     patches = patches.reshape(n, oh, ow, kh * kw, g, cg)
     return dot("nhwkgc,kcgo->nhwgo", patches, kernel).reshape(n, oh, ow, out)
+
+
+def _strided_windows(x: jax.Array, window: int, stride: int, out: tuple[int, int]
+                     ) -> list[jax.Array]:
+    """The ``window**2`` strided slices of ``x`` (NHWC) that a ``window``x``window`` operation
+    of stride ``stride`` and output size ``out`` reads, in row-major window order."""
+    n, _, _, c = x.shape
+    (oh, ow), s = out, stride
+    return [lax.slice(x, (0, i, j, 0), (n, i + s * (oh - 1) + 1, j + s * (ow - 1) + 1, c),
+                      (1, s, s, 1))
+            for i in range(window) for j in range(window)]
+
+
+def _pool_geometry(x: jax.Array, window: int, stride: int, pad: int
+                   ) -> tuple[jax.Array, tuple[int, int]]:
+    """``x`` padded with -inf on both spatial sides, and the pool's output size."""
+    low = jnp.array(-jnp.inf, x.dtype)
+    padded = lax.pad(x, low, ((0, 0, 0), (pad, pad, 0), (pad, pad, 0), (0, 0, 0)))
+    h, w = padded.shape[1:3]
+    return padded, ((h - window) // stride + 1, (w - window) // stride + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
+    """``nn.max_pool(x, (window, window), (stride, stride), ((pad, pad), (pad, pad)))`` (NHWC,
+    -inf padding) as the maximum of its strided slices, with the same gradient: each window's
+    gradient goes to its first maximum in row-major order, as XLA's select-and-scatter gives it.
+    Why: on XLA:CPU that gradient became a scatter with four int32 index arrays the size of
+    the padded input (328 MB of the chapter's train step at 96x96, batch 128; benchmarks.md).
+    """
+    padded, out = _pool_geometry(x, window, stride, pad)
+    return functools.reduce(jnp.maximum, _strided_windows(padded, window, stride, out))
+
+
+def _max_pool_fwd(x: jax.Array, window: int, stride: int, pad: int
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = max_pool_slices(x, window, stride, pad)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window: int, stride: int, pad: int, saved: tuple[jax.Array, jax.Array],
+                  grad: jax.Array) -> tuple[jax.Array]:
+    x, y = saved
+
+    def windows(x: jax.Array) -> list[jax.Array]:
+        padded, out = _pool_geometry(x, window, stride, pad)
+        return _strided_windows(padded, window, stride, out)
+
+    slices, scatter = jax.vjp(windows, x)
+    taken = jnp.zeros(y.shape, bool)
+    parts = []
+    for part in slices:  # the first maximum of each window takes its gradient
+        first = (part == y) & ~taken
+        taken = taken | first
+        parts.append(jnp.where(first, grad, jnp.zeros((), grad.dtype)))
+    return scatter(parts)
+
+
+max_pool_slices.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def conv_flops(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int],

@@ -46,6 +46,7 @@ from resnet_jax.conv import (  # noqa: F401  (re-exported: models.conv_per_group
     conv_im2col,
     conv_per_group,
     conv_space_to_depth,
+    max_pool,
     resolve_conv,
     resolve_grouped_conv,
     resolve_stem_conv,
@@ -474,8 +475,9 @@ class ResNet(nn.Module):
         if not block_cls.preact:
             x = nn.relu(norm(name="bn1")(x))
         if self.stem == "imagenet":
-            # flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_padding(3))
+            # flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, padding=1); the
+            # CPU's convolutions come with the CPU's max-pool (see resnet_jax.conv).
+            x = max_pool(self.conv)(x)
 
         for i, ((num_residuals, _), c) in enumerate(zip(self.arch, channels, strict=True)):
             for j in range(num_residuals):

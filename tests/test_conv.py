@@ -8,6 +8,7 @@ resolver the backend, not by asking the one this test runs on.
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +84,24 @@ def test_conv_im2col_in_bf16_is_as_close_as_xla_to_float64():
 
     # bf16 keeps 8 significant bits (relative rounding 2^-8 = 0.0039).
     assert error(got) < 0.02 and error(got) < 2 * error(xla) + 0.004, (error(got), error(xla))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("size", [(8, 8), (9, 12)])
+def test_max_pool_slices_is_flax_max_pool_with_its_gradient(dtype, size):
+    # Bit for bit, ties included (after a ReLU, most windows of zeros tie): each window's
+    # gradient goes to its first maximum, as XLA's select-and-scatter sends it.
+    rng = np.random.default_rng(size[1])
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray(np.maximum(rng.normal(size=(2, *size, 3)), 0), dtype)
+        pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),
+                                 padding=((1, 1), (1, 1)))
+        want, want_vjp = jax.vjp(pool, x)
+        got, got_vjp = jax.vjp(conv.max_pool_slices, x)
+        grad = jnp.asarray(rng.normal(size=want.shape), dtype)
+        assert got.dtype == want.dtype and float(jnp.mean(x == 0)) > 0.3
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_vjp(grad)[0], want_vjp(grad)[0])
 
 
 def test_conv_im2col_leaves_what_it_does_not_rewrite_to_xla():
@@ -208,7 +227,10 @@ def test_the_choices_reach_the_program():
     # 16 in the blocks, 3 projections); space-to-depth computes the stem without a stride.
     assert _primitives(conv="im2col").count("conv_general_dilated") == 0
     # (at 32x32 and batch 2, every conv of a width-8 ResNet-18 is below the threshold)
-    assert _primitives(conv="by_size") == _primitives(conv="xla")
+    assert _primitives(conv="by_size").count("conv_general_dilated") == 20
+    # The stem's max-pool goes with the convolutions: XLA's reduce-window, or slices.
+    assert "reduce_window_max" in _primitives(conv="xla")
+    assert all("reduce_window" not in _primitives(conv=c) for c in ("by_size", "im2col"))
     assert _primitives(conv="xla", stem_conv="direct").count("conv_general_dilated") == 20
     strided = {s: _primitives(conv="xla", stem_conv=s).count("window_strides=(2, 2)")
                for s in ("direct", "space_to_depth")}
