@@ -124,7 +124,7 @@ def torch_stepper(side: int, batch: int, width: int, threads: int) -> Callable[[
             loss = loss_fn(net(x), y)
             loss.backward()
             optimizer.step()
-        float(loss)  # synchronise, as the JAX side does
+        float(loss.detach())  # synchronise, as the JAX side does
 
     return run
 
