@@ -9,10 +9,10 @@ Each row and seed trains in its own workdir, RUNS_DIR/NAME/PRESET/ROW-seedK; run
 command again skips the finished runs and resumes an interrupted one. A run whose settings and
 seed equal those of a run another experiment finished in RUNS_DIR is not trained again: that run's
 records (config.json, metrics.jsonl) are copied. The report goes to OUT/NAME/PRESET/: table.md,
-results.csv, results.json and PNG plots. NAME `all` runs every experiment in turn. The report
-covers every finished run of every row: seeds 0 .. N-1 (--seeds) and any other seed finished in
-RUNS_DIR, so adding a row with fewer seeds keeps the others' seeds; --report_only writes it from
-the finished runs without training (e.g. from records a GPU machine sent back).
+results.csv, results.json and PNG plots. Several NAMEs, or `all`, run those experiments in turn.
+The report covers every finished run of every row: seeds 0 .. N-1 (--seeds) and any other seed
+finished in RUNS_DIR, so adding a row with fewer seeds keeps the others' seeds; --report_only
+writes it from the finished runs without training (e.g. from records a GPU machine sent back).
 
 Unknown names, presets or rows are one line on stderr with exit status 2. A run whose loss
 diverged is reported, the others go on, and the exit status is 3. SIGTERM/SIGINT checkpoint the
@@ -33,7 +33,8 @@ def make_parser():
 
     parser = _OneLineParser(prog="experiment.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", nargs="?", help="the experiment (see --list), or all")
+    parser.add_argument("name", nargs="*", help="the experiment (see --list), several run in "
+                        "turn, or all")
     parser.add_argument("--preset", default="cpu", help="tiny (CI smoke), cpu or gpu; default cpu")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train seeds 0 .. N-1 of every row (default 1); the report also "
@@ -54,6 +55,15 @@ def make_parser():
     return parser
 
 
+def choose(names: list[str]) -> list:
+    """The experiments named, in the order given (each once), or all of them."""
+    from resnet_jax import experiments as ex
+
+    if "all" in names:
+        return list(ex.EXPERIMENTS)
+    return [ex.get_experiment(name) for name in dict.fromkeys(names)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
 
@@ -63,16 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
         preset = ex.check_preset(args.preset)
         if args.list:
-            chosen = ex.EXPERIMENTS if args.name in (None, "all") else [
-                ex.get_experiment(args.name)]
-            print("\n\n".join(ex.describe(e, preset) for e in chosen))
+            print("\n\n".join(ex.describe(e, preset) for e in choose(args.name or ["all"])))
             return 0
         if not args.name:
             raise UserError("name an experiment (see --list) or all")
-        chosen = ex.EXPERIMENTS if args.name == "all" else [ex.get_experiment(args.name)]
+        chosen = choose(args.name)
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         if rows and len(chosen) > 1:
-            raise UserError("--rows needs one experiment, not all")
+            raise UserError("--rows needs one experiment, not several")
         if args.data_dir is not None and not os.path.isdir(args.data_dir):
             raise UserError(f"--data_dir {args.data_dir} is not a folder")
         if args.dry_run and args.report_only:
