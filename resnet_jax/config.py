@@ -157,8 +157,9 @@ class Config:
                                  "0: auto (1 on CPU, 100 on an accelerator)")
     compilation_cache: str = _f(
         "auto", "folder for XLA's persistent compilation cache, so that a rerun, a resumed run or "
-        "another seed skips compiling; auto: ~/.cache/resnet_jax/xla on a GPU or TPU (where "
-        "compiling takes 10-30 s), none on a CPU; off: none")
+        "another seed skips compiling; auto: JAX_COMPILATION_CACHE_DIR if set, else "
+        "~/.cache/resnet_jax/xla on a GPU or TPU (where compiling takes 10-30 s) and none on a "
+        "CPU; off: none")
     overwrite: bool = _f(False, "delete what the workdir holds and start again")
     coordinator_address: str | None = _f(None, "multi-host: host:port of process 0 "
                                          "(jax.distributed); default: auto-detect (SLURM, ...)")

@@ -750,12 +750,15 @@ def load_predictions(path: str | Path) -> dict:
 
 
 def use_compilation_cache(setting: str) -> Path | None:
-    """Points XLA's persistent compilation cache at `setting` (see `--compilation_cache`) unless
-    JAX already has a cache folder (the user's JAX_COMPILATION_CACHE_DIR wins); returns it."""
-    if jax.config.jax_compilation_cache_dir:
+    """Points XLA's persistent compilation cache at `setting` (see `--compilation_cache`) and
+    returns the folder used. "auto" keeps a folder JAX already has (JAX_COMPILATION_CACHE_DIR);
+    a folder or "off", given on the command line, wins over it."""
+    if setting == "auto" and jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
     folder = compilation_cache_dir(setting)
     if folder is None:
+        if setting == "off":
+            jax.config.update("jax_enable_compilation_cache", False)
         return None
     if setting != "auto":  # a folder named by the user: one line now, not a warning per program
         check_writable(folder, "--compilation_cache")
