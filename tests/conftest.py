@@ -1,11 +1,47 @@
 """Shared fixtures. Tests run on the CPU with however many devices JAX sees (1 by default)."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Compiling, not running, is most of the suite's time on 2 CPU cores, and many programs are
+# compiled again and again: a run, then its resume in a new process; the same tiny model in
+# many tests. One persistent compilation cache for the session (an empty folder, so nothing
+# from an earlier run is trusted), which the trainer's subprocesses (and pytest-xdist's
+# workers, started after this) inherit; removed at the end by the process that made it.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_jax_tests_xla_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402 (after the cache's variables, which JAX reads once)
+
+# The tests in this process compile a program and run it a few times: XLA's LLVM optimisation
+# costs more than it saves there (a chunked-loop test took 86 s with it, 30 s without), as in
+# Flax's own tests. It changes no result (no fast-math), and only this process: the trainer's
+# subprocesses, whose runs train for real, compile as users' runs do.
+jax.config.update("jax_disable_most_optimizations", True)
+# The same for the tests' own worker processes (8 fake devices, the README's example): a
+# program or two, run a step or two (16 s against 33 s for the 8-device worker).
+UNOPTIMISED = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first, then those on the real data, which run the trainer (stable
+    otherwise): under pytest-xdist
+    (`-n auto --dist=worksteal`) the workers then finish at about the same time."""
+    items.sort(key=lambda item: (item.get_closest_marker("longest") is None,
+                                 "fashion_mnist_dir" not in getattr(item, "fixturenames", ())))
+
+
+def pytest_unconfigure(config) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def _places() -> list[Path]:

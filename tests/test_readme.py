@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, UNOPTIMISED
 
 pytestmark = pytest.mark.slow  # a full-size ResNet-18 step at 96x96: ~15 s on 2 cores
 
@@ -28,6 +28,6 @@ print("checked")
 """
     out = subprocess.run([sys.executable, "-c", readme_python_example() + checks],
                          capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **UNOPTIMISED})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("checked")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import UNOPTIMISED
 
 from resnet_jax import create_model
 from resnet_jax import data as data_lib
@@ -231,7 +232,7 @@ def test_nonfinite_loss_is_recorded_with_its_step():
 def test_eight_devices_match_one_device(precision):
     """8 fake CPU devices vs 1: same params and batch_stats after two steps."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+           "JAX_PLATFORMS": "cpu", **UNOPTIMISED}
     out = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_worker.py"),
                           precision], env=env, capture_output=True, text=True, timeout=600)
     assert "devices=8" in out.stdout.splitlines(), out.stdout
