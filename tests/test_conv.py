@@ -214,6 +214,11 @@ def test_by_size_takes_im2col_from_its_threshold_on():
     assert 2 * 4718592 < conv.IM2COL_MIN_FLOPS < 3 * 4718592  # (the sizes below straddle it)
     assert "conv_general_dilated" in program(2)
     assert "conv_general_dilated" not in program(3)
+    # A grouped convolution takes im2col's batched product at any size.
+    x, k = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 2, 8))
+    grouped = jax.make_jaxpr(lambda x, k: conv.conv_by_size(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC, feature_group_count=4))(x, k)
+    assert "conv_general_dilated" not in str(grouped)
 
 
 def _primitives(**options) -> str:
