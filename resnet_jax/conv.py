@@ -139,7 +139,7 @@ def conv_im2col(
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type)
-    n, h, w, c = lhs.shape
+    n, h, w, _ = lhs.shape
     kh, kw, cg, out = rhs.shape
     sh, sw = window_strides
     if isinstance(padding, str):
@@ -148,9 +148,7 @@ def conv_im2col(
     oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
     x = lax.pad(lhs, jnp.zeros((), lhs.dtype),
                 ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-    windows = [lax.slice(x, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
-                         (1, sh, sw, 1))
-               for i in range(kh) for j in range(kw)]
+    windows = _strided_windows(x, (kh, kw), (sh, sw), (oh, ow))
     patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
     dot = functools.partial(jnp.einsum, precision=precision,
                             preferred_element_type=preferred_element_type)
@@ -163,15 +161,15 @@ def conv_im2col(
     return dot("nhwkgc,kcgo->nhwgo", patches, kernel).reshape(n, oh, ow, out)
 
 
-def _strided_windows(x: jax.Array, window: int, stride: int, out: tuple[int, int]
-                     ) -> list[jax.Array]:
-    """The ``window**2`` strided slices of ``x`` (NHWC) that a ``window``x``window`` operation
-    of stride ``stride`` and output size ``out`` reads, in row-major window order."""
+def _strided_windows(x: jax.Array, window: tuple[int, int], stride: tuple[int, int],
+                     out: tuple[int, int]) -> list[jax.Array]:
+    """The ``kh * kw`` strided slices of ``x`` (NHWC) that a ``window`` = ``(kh, kw)`` operation
+    of ``stride`` and output size ``out`` reads, in row-major window order."""
     n, _, _, c = x.shape
-    (oh, ow), s = out, stride
-    return [lax.slice(x, (0, i, j, 0), (n, i + s * (oh - 1) + 1, j + s * (ow - 1) + 1, c),
-                      (1, s, s, 1))
-            for i in range(window) for j in range(window)]
+    (kh, kw), (sh, sw), (oh, ow) = window, stride, out
+    return [lax.slice(x, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
 
 
 def _pool_geometry(x: jax.Array, window: int, stride: int, pad: int
@@ -192,7 +190,8 @@ def max_pool_slices(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1
     the padded input (328 MB of the chapter's train step at 96x96, batch 128; benchmarks.md).
     """
     padded, out = _pool_geometry(x, window, stride, pad)
-    return functools.reduce(jnp.maximum, _strided_windows(padded, window, stride, out))
+    return functools.reduce(jnp.maximum, _strided_windows(padded, (window, window),
+                                                          (stride, stride), out))
 
 
 def _max_pool_fwd(x: jax.Array, window: int, stride: int, pad: int
@@ -207,7 +206,7 @@ def _max_pool_bwd(window: int, stride: int, pad: int, saved: tuple[jax.Array, ja
 
     def windows(x: jax.Array) -> list[jax.Array]:
         padded, out = _pool_geometry(x, window, stride, pad)
-        return _strided_windows(padded, window, stride, out)
+        return _strided_windows(padded, (window, window), (stride, stride), out)
 
     slices, scatter = jax.vjp(windows, x)
     taken = jnp.zeros(y.shape, bool)

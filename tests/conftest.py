@@ -33,8 +33,8 @@ UNOPTIMISED = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest tests first, then those on the real data, which run the trainer (stable
-    otherwise): under pytest-xdist
-    (`-n auto --dist=worksteal`) the workers then finish at about the same time."""
+    otherwise): under pytest-xdist (`-n auto --dist=worksteal`) the workers then finish at
+    about the same time."""
     items.sort(key=lambda item: (item.get_closest_marker("longest") is None,
                                  "fashion_mnist_dir" not in getattr(item, "fixturenames", ())))
 
