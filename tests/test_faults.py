@@ -493,7 +493,7 @@ def test_bad_workdirs_are_one_line_with_exit_2(capsys, tmp_path, fashion_mnist_d
 
 def test_a_run_that_saved_no_checkpoint_starts_afresh_and_says_so(run_train, tmp_path):
     workdir = tmp_path / "w"
-    args = [f"--workdir={workdir}", *TINY, "--epochs=1", "--eval_examples=64"]
+    args = [f"--workdir={workdir}", *TINY, "--epochs=1"]
     first = run_train(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "no checkpoint" not in first.stdout  # a new workdir: nothing to say

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY, TRAIN
+from conftest import REPO, TINY, TRAIN, WHOLE_TEST_SPLIT
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,8 @@ def _kill_after_first_checkpoint(data_dir, workdir, *args: str) -> None:
 # The README's better recipe, at TINY size: crop/flip, random erasing, label smoothing, several
 # steps per dispatch (3: chunks end at steps 3, 6, 8 of each epoch), in bf16.
 RECIPE = [*(a for a in TINY if not a.startswith("--steps_per_dispatch")), "--steps_per_dispatch=3",
-          "--augment", "--random_erasing=0.5", "--label_smoothing=0.1", "--epochs=2"]
+          "--augment", "--random_erasing=0.5", "--label_smoothing=0.1", "--epochs=2",
+          WHOLE_TEST_SPLIT]
 
 
 def test_bf16_recipe_trains_resumes_after_a_kill_bit_exactly_and_evaluates(
@@ -111,7 +112,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_is_one_line_and_its_half_written_checkpoint_is_never_listed(
         run_train, small_disk, tmp_path):
-    args = [*TINY, "--epochs=2", "--eval_examples=64"]
+    args = [*TINY, "--epochs=2"]
     full = run_train(f"--workdir={small_disk / 'run'}", *args)
     assert full.returncode == 2, full.stderr[-2000:]
     assert full.stderr.count("\n") == 1 and full.stderr.startswith(
@@ -156,8 +157,7 @@ def test_divergence_after_checkpoints_keeps_and_names_the_last_good_one(fashion_
 
     monkeypatch.setattr(train, "make_train_loop", breaking_at_step_21)
     config = config_lib.parse_config([f"--data_dir={fashion_mnist_dir}",
-                                      f"--workdir={tmp_path}", *TINY, "--epochs=4",
-                                      "--eval_examples=64"])
+                                      f"--workdir={tmp_path}", *TINY, "--epochs=4"])
     with pytest.raises(train.DivergedError) as diverged:
         train.train_and_evaluate(config)
     assert str(diverged.value) == (

@@ -89,7 +89,7 @@ def test_export_writes_a_small_run_and_refuses_a_d2l_one(run_train, tmp_path):
 
     small = tmp_path / "small"
     done = run_train(f"--workdir={small}", *TINY, "--variant=torchvision", "--epochs=1",
-                     "--max_steps=2", "--eval_examples=64")
+                     "--max_steps=2")
     assert done.returncode == 0, done.stderr[-2000:]
     output = tmp_path / "small.safetensors"
     exported = _export(f"--workdir={small}", f"--output={output}")
@@ -107,8 +107,7 @@ def test_export_writes_a_small_run_and_refuses_a_d2l_one(run_train, tmp_path):
     assert load_file(str(output))["bn1.num_batches_tracked"] == 2
 
     chapter = tmp_path / "chapter"
-    done = run_train(f"--workdir={chapter}", *TINY, "--epochs=1", "--max_steps=1",
-                     "--eval_examples=64")
+    done = run_train(f"--workdir={chapter}", *TINY, "--epochs=1", "--max_steps=1")
     assert done.returncode == 0, done.stderr[-2000:]
     refused = _export(f"--workdir={chapter}", f"--output={tmp_path / 'chapter.pth'}")
     assert refused.returncode == 2 and refused.stdout == ""

@@ -10,14 +10,15 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY, TRAIN
+from conftest import REPO, TINY, TRAIN, WHOLE_TEST_SPLIT
 
 pytestmark = pytest.mark.slow
 
 
 def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     workdir = tmp_path / "run"
-    first = run_train(f"--workdir={workdir}", *TINY, "--epochs=3", "--max_steps=10")
+    first = run_train(f"--workdir={workdir}", *TINY, WHOLE_TEST_SPLIT, "--epochs=3",
+                      "--max_steps=10")
     assert first.returncode == 0, first.stderr[-2000:]
     for name in ("config.json", "metrics.jsonl", "curves.png"):
         assert (workdir / name).is_file(), name
@@ -42,7 +43,7 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The same command with a larger budget resumes at the saved step and continues.
-    second = run_train(f"--workdir={workdir}", *TINY, "--epochs=3")
+    second = run_train(f"--workdir={workdir}", *TINY, WHOLE_TEST_SPLIT, "--epochs=3")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming from" in second.stdout and "(step 10)" in second.stdout
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -51,7 +52,7 @@ def test_train_writes_the_workdir_and_resumes(run_train, tmp_path):
     assert [r["epoch"] for r in records] == [1, 2, 3]
 
     # Run again when finished: nothing to do, nothing duplicated.
-    third = run_train(f"--workdir={workdir}", *TINY, "--epochs=3")
+    third = run_train(f"--workdir={workdir}", *TINY, WHOLE_TEST_SPLIT, "--epochs=3")
     assert third.returncode == 0, third.stderr[-2000:]
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -218,7 +219,7 @@ def test_the_start_up_report_comes_before_any_compilation(fashion_mnist_dir, tmp
 
     workdir = tmp_path / "run"
     cmd = [sys.executable, str(TRAIN), f"--data_dir={fashion_mnist_dir}", f"--workdir={workdir}",
-           *TINY, "--epochs=2", "--max_steps=5"]
+           *TINY, WHOLE_TEST_SPLIT, "--epochs=2", "--max_steps=5"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1"}
     first = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=env, timeout=600)

@@ -34,7 +34,7 @@ class _Run:
     def __init__(self, workdir, data_dir):
         self.proc = subprocess.Popen(
             [sys.executable, "-X", "importtime", str(TRAIN), f"--workdir={workdir}",
-             f"--data_dir={data_dir}", *TINY, "--epochs=3", "--eval_examples=64"],
+             f"--data_dir={data_dir}", *TINY, "--epochs=3"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "JAX_PLATFORMS": "cpu"})
         self.err, self.guarded = [], threading.Event()
