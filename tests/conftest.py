@@ -29,8 +29,8 @@ import jax  # noqa: E402 (after the cache's variables, which JAX reads once)
 
 # The tests in this process compile a program and run it a few times: XLA's LLVM optimisation
 # costs more than it saves there (a chunked-loop test took 86 s with it, 30 s without), as in
-# Flax's own tests. It changes no result (no fast-math), and only this process: the trainer's
-# subprocesses, whose runs train for real, compile as users' runs do.
+# Flax's own tests. It computes the same function to float32 rounding (not always to the bit),
+# and only in this process.
 jax.config.update("jax_disable_most_optimizations", True)
 # The same for the tests' own worker processes (8 fake devices, the README's example): a
 # program or two, run a step or two (16 s against 33 s for the 8-device worker).
