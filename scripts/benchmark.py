@@ -197,6 +197,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     for name in ("epochs", "data_dir", "workdir"):  # not ignored: a forgotten --end_to_end
         if getattr(args, name) is not None:
             raise UserError(f"--{name} applies to --end_to_end, not the synthetic benchmark")
+    # compile_s is the time to compile: a persistent compilation cache (JAX_COMPILATION_CACHE_DIR)
+    # would serve an earlier run's programs instead, and report no compilation at all.
+    jax.config.update("jax_enable_compilation_cache", False)
     accelerator = jax.default_backend() != "cpu"
     d = _defaults(args, accelerator)
     common = {"image_size": d["image_size"], "steps": d["steps"], "repeats": d["repeats"],

@@ -11,9 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Compiling, not running, is most of the suite's time on 2 CPU cores, and many programs are
 # compiled again and again: a run, then its resume in a new process; the same tiny model in
-# many tests. One persistent compilation cache for the session (an empty folder, so nothing
-# from an earlier run is trusted), which the trainer's subprocesses (and pytest-xdist's
-# workers, started after this) inherit; removed at the end by the process that made it.
+# many tests. One persistent compilation cache for the session (an empty folder, unless
+# JAX_COMPILATION_CACHE_DIR names one, as .ci/run does to keep it between CI runs), which the
+# trainer's subprocesses (and pytest-xdist's workers, started after this) inherit; a folder
+# made here is removed at the end by the process that made it.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_jax_tests_xla_")
