@@ -126,12 +126,13 @@ def conv_im2col(
     The ``kh * kw`` strided windows of the padded input are stacked on the channel axis, in the
     kernel's (row, column, channel) order, so that the convolution is that ``(N, H', W', kh*kw*C)``
     array times the kernel reshaped to ``(kh*kw*C, O)``; with groups, a product batched over
-    the groups. Autodiff gives both gradients as matrix products plus slices and pads. Why: on
-    XLA:CPU this trained the chapter's ResNet-18 ~3x faster at 28x28-32x32 than XLA's own
-    convolutions (benchmarks.md), whose gradient kernels are slow there. It costs memory: the
-    stacked windows of every conv (kh*kw times its input) are kept for the backward pass.
-    Dilated or non-NHWC convolutions go to ``lax.conv_general_dilated`` unchanged. Usable as
-    ``nn.Conv(..., conv_general_dilated=conv_im2col)``.
+    the groups. Why: on XLA:CPU this trained the chapter's ResNet-18 ~3x faster at 28x28-32x32
+    than XLA's own convolutions (benchmarks.md), whose gradient kernels are slow there.
+    Ungrouped convolutions larger than 1x1 have their own gradient (:func:`_windows_conv`): the
+    windows are built again in the backward pass rather than kept (kh*kw times the input, for
+    every conv), and a stride-1 conv's input gradient is the same kind of product on the
+    cotangent. Dilated or non-NHWC convolutions go to ``lax.conv_general_dilated`` unchanged.
+    Usable as ``nn.Conv(..., conv_general_dilated=conv_im2col)``.
     """
     if not _is_plain_nhwc(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation):
         return lax.conv_general_dilated(
@@ -139,26 +140,86 @@ def conv_im2col(
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type)
-    n, h, w, _ = lhs.shape
     kh, kw, cg, out = rhs.shape
-    sh, sw = window_strides
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
-    (top, bottom), (left, right) = padding
-    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
-    x = lax.pad(lhs, jnp.zeros((), lhs.dtype),
-                ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-    windows = _strided_windows(x, (kh, kw), (sh, sw), (oh, ow))
-    patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    strides = tuple(int(s) for s in window_strides)
+    if feature_group_count == 1 and kh * kw > 1:
+        return _windows_conv(lhs, rhs, strides, padding, precision, preferred_element_type)
     dot = functools.partial(jnp.einsum, precision=precision,
                             preferred_element_type=preferred_element_type)
+    patches = _patches(lhs, (kh, kw), strides, padding)
     g = feature_group_count
     if g == 1:  # a plain product: a group axis of 1 would make XLA copy the patches around it
         return dot("nhwk,ko->nhwo", patches, rhs.reshape(kh * kw * cg, out))
     # (kh*kw, C/G, G, O/G): the output features of group g are the g-th run of O/G.
+    n, oh, ow, _ = patches.shape
     kernel = rhs.reshape(kh * kw, cg, g, out // g)
     patches = patches.reshape(n, oh, ow, kh * kw, g, cg)
     return dot("nhwkgc,kcgo->nhwgo", patches, kernel).reshape(n, oh, ow, out)
+
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Pads
+             ) -> jax.Array:
+    """The ``(N, H', W', kh*kw*C)`` windows of ``x`` (NHWC) zero-padded by ``padding``."""
+    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
+    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0),
+                                            (0, 0, 0)))
+    out = ((x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1)
+    windows = _strided_windows(x, window, strides, out)
+    return windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _windows_conv(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int], padding: Pads,
+                  precision: Any, preferred_element_type: Any) -> jax.Array:
+    """An ungrouped :func:`conv_im2col` whose backward pass builds the windows again."""
+    kh, kw, c, out = rhs.shape
+    return jnp.einsum("nhwk,ko->nhwo", _patches(lhs, (kh, kw), strides, padding),
+                      rhs.reshape(kh * kw * c, out), precision=precision,
+                      preferred_element_type=preferred_element_type)
+
+
+def _windows_conv_fwd(lhs, rhs, strides, padding, precision, preferred_element_type):
+    y = _windows_conv(lhs, rhs, strides, padding, precision, preferred_element_type)
+    return y, (lhs, rhs)
+
+
+def _windows_conv_bwd(strides: tuple[int, int], padding: Pads, precision: Any,
+                      preferred_element_type: Any, saved: tuple[jax.Array, jax.Array],
+                      grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, k = saved
+    kh, kw, c, out = k.shape
+    # The windows are built from x plus a zero taken from the cotangent: XLA:CPU drops
+    # optimisation barriers, and its scheduler then built every conv's windows in the forward
+    # pass and kept them all (the chapter's step at 96x96, batch 128: 1.8 GB of temp memory
+    # against 0.9 GB with the zero).
+    x_late = x + (grad[0, 0, 0, 0] * 0).astype(x.dtype)
+    patches = _patches(x_late, (kh, kw), strides, padding)
+    # (O, kh*kw*C) then transposed: as (kh*kw*C, O), XLA:CPU copied the windows transposed.
+    dk = jnp.einsum("nhwo,nhwk->ok", grad, patches, precision=precision)
+    dk = dk.T.reshape(k.shape).astype(k.dtype)
+    if strides == (1, 1):
+        # The transposed convolution: the cotangent, padded by kernel - 1 - padding, times the
+        # kernel flipped in space with its channel axes swapped; no sum of kh*kw shifted slices.
+        flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2).reshape(kh * kw * out, c)
+        pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+        dx = jnp.einsum("nhwk,kc->nhwc", _patches(grad, (kh, kw), (1, 1), pads), flipped,
+                        precision=precision)
+    else:  # the windows' own transpose: sums of strided pads
+        dpatches = jnp.einsum("nhwo,ko->nhwk", grad, k.reshape(kh * kw * c, out),
+                              precision=precision)
+        _, windows_vjp = jax.vjp(lambda x: _patches(x, (kh, kw), strides, padding), x)
+        (dx,) = windows_vjp(dpatches.astype(x.dtype))
+    return dx.astype(x.dtype), dk
+
+
+_windows_conv.defvjp(_windows_conv_fwd, _windows_conv_bwd)
 
 
 def _strided_windows(x: jax.Array, window: tuple[int, int], stride: tuple[int, int],

@@ -65,11 +65,12 @@ def test_conv_im2col_is_lax_conv_with_its_gradients(case):
     assert "conv_general_dilated" not in jaxpr  # a matrix product, not XLA's convolution
 
 
-def test_conv_im2col_in_bf16_is_as_close_as_xla_to_float64():
+@pytest.mark.parametrize("stride", [1, 2])  # (the two ways its gradient is computed)
+def test_conv_im2col_in_bf16_is_as_close_as_xla_to_float64(stride):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 12, 12, 16))
     k = rng.normal(size=(3, 3, 16, 32)) / 12
-    args = {"strides": (2, 2), "padding": ((1, 1), (1, 1))}
+    args = {"strides": (stride, stride), "padding": ((1, 1), (1, 1))}
     with jax.enable_x64(True):
         exact = _value_and_grads(lax.conv_general_dilated, jnp.asarray(x), jnp.asarray(k), **args)
     bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, k)]
@@ -84,6 +85,27 @@ def test_conv_im2col_in_bf16_is_as_close_as_xla_to_float64():
 
     # bf16 keeps 8 significant bits (relative rounding 2^-8 = 0.0039).
     assert error(got) < 0.02 and error(got) < 2 * error(xla) + 0.004, (error(got), error(xla))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_im2col_gradient_does_not_keep_every_convs_windows(stride):
+    # Eight 3x3 convs. Kept for the backward pass, their windows (9x each input, 10.6 MB per
+    # conv here) took 10 convs' worth of the gradient program's temp memory; built again in
+    # the backward pass, 4 (this process compiles without most of XLA's optimisations).
+    def loss(kernels, x):
+        for i, k in enumerate(kernels):
+            s = stride if i == 0 else 1
+            x = jax.nn.relu(conv.conv_im2col(x, k, (s, s), ((1, 1), (1, 1)),
+                                             dimension_numbers=NHWC))
+        return jnp.sum(x**2)
+
+    side = 24 * stride
+    x = jax.ShapeDtypeStruct((8, side, side, 64), jnp.float32)
+    kernels = [jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)] * 8
+    compiled = jax.jit(jax.grad(loss)).lower(kernels, x).compile()
+    windows = 8 * 24 * 24 * 9 * 64 * 4  # one conv's windows: 10.6 MB
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 6 * windows, temp / windows
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
