@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -119,3 +120,12 @@ def run_train(fashion_mnist_dir):
                               env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
     return run
+
+
+@pytest.fixture
+def sigint_not_ignored():
+    """A child inherits an ignored SIGINT (the suite run in the background by a non-interactive
+    shell ignores it; train.py then rightly leaves it ignored); a terminal's Ctrl-C is not."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -518,7 +518,8 @@ def test_a_second_signal_during_training_exits_at_once(fashion_mnist_dir, tmp_pa
 
 @pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
                                                (signal.SIGTERM, 143, "terminated")])
-def test_a_signal_during_start_up_is_one_line(sig, status, word, fashion_mnist_dir, tmp_path):
+def test_a_signal_during_start_up_is_one_line(sig, status, word, fashion_mnist_dir, tmp_path,
+                                              sigint_not_ignored):
     # -X importtime shows when JAX is being imported: inside the script's guard, before
     # training's own handler (which checkpoints) exists.
     proc = subprocess.Popen([sys.executable, "-X", "importtime", str(TRAIN),
@@ -529,7 +530,7 @@ def test_a_signal_during_start_up_is_one_line(sig, status, word, fashion_mnist_d
             assert line, proc.stderr.read()
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
-    finally:  # a run the signal missed would train the chapter's 10 epochs
+    finally:  # a run the signal missed (SIGINT ignored) would train the chapter's 10 epochs
         proc.kill()
     assert proc.returncode == status, err[-2000:]
     assert err.strip().splitlines()[-1] == f"train.py: {word}" and out == ""
