@@ -20,7 +20,8 @@ import time
 import pytest
 from conftest import TINY, TRAIN
 
-pytestmark = pytest.mark.slow
+# SIGINT as a terminal sends it (conftest's sigint_not_ignored).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("sigint_not_ignored")]
 
 TRIES = int(os.environ.get("SIGNAL_SWEEP_TRIES", "8"))
 SPAN = os.environ.get("SIGNAL_SWEEP_SPAN")
@@ -100,11 +101,6 @@ def _start_up_seconds(data_dir, workdir) -> float:
     seconds = time.monotonic() - start
     assert _check(signal.SIGTERM, *run.stop(signal.SIGTERM, out)) == "training"
     return seconds
-
-
-@pytest.fixture(autouse=True)
-def _sigint_not_ignored(sigint_not_ignored):
-    pass
 
 
 def test_a_signal_at_any_moment_of_start_up_is_one_line(fashion_mnist_dir, tmp_path):
