@@ -24,8 +24,28 @@ if _OWN_CACHE:
 # run took 10-12 s against 12-15 s, and a ResNet-18 step at 28x28, batch 128, ran as fast
 # (983 and 827 img/s against 968 and 865). The same function to float32 rounding (a tiny run's
 # loss moved in its 7th digit after 16 steps); every comparison in the suite is within it.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=1"]).strip()
+#
+# And without XLA:CPU's YNNPACK fusions (its matmul library, on by default): loading a cached
+# program that has them is slow (XLA looks each fusion's instructions up one by one, and the
+# time grows with the program's size), and most of the subprocesses' programs come from the
+# cache. A tiny ResNet-152's train step loaded in 17 s with them and 5 s without; the
+# experiments' degradation and depth took 206 s against 111 s. Not in this process (set
+# below, after its CPU client has read the flags): with most optimisations off, a program
+# without them sums in another order, and the two-step comparison of 1 and 8 devices moved by
+# 1.6e-3 where every other pairing agreed to 5e-7. One test runs the trainer with XLA's own
+# flags (DEFAULT_XLA_FLAGS), as a user does.
+_O1, _NO_YNN = "--xla_backend_optimization_level=1", "--xla_cpu_experimental_ynn_fusion_type="
+SUITE_XLA_FLAGS = f"{_O1} {_NO_YNN}"
+DEFAULT_XLA_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                             if f not in (_O1, _NO_YNN))  # (a worker inherits the suite's)
+os.environ["XLA_FLAGS"] = f"{DEFAULT_XLA_FLAGS} {_O1}".strip()
+
+
+def xla_flags(devices: int) -> str:
+    """The suite's XLA_FLAGS for a subprocess with `devices` fake CPU devices (the caller's own
+    XLA_FLAGS left out)."""
+    return f"{SUITE_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
 
 import jax  # noqa: E402 (after the cache's variables, which JAX reads once)
 
@@ -37,6 +57,8 @@ jax.config.update("jax_disable_most_optimizations", True)
 # The same for the tests' own worker processes (8 fake devices, the README's example): a
 # program or two, run a step or two (16 s against 33 s for the 8-device worker).
 UNOPTIMISED = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+jax.devices()  # this process's CPU client, with the flags above; its subprocesses get these:
+os.environ["XLA_FLAGS"] = f"{DEFAULT_XLA_FLAGS} {SUITE_XLA_FLAGS}".strip()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "benchmark.py"
@@ -21,8 +22,7 @@ TINY = ["--arch", "resnet18", "--width", "8", "--batch_size", "8", "--image_size
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     # One CPU device whatever the caller's XLA_FLAGS, so the table's numbers are for one mesh.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -179,7 +179,7 @@ def test_end_to_end_tiny_run(fashion_mnist_dir, tmp_path):
 
 @pytest.mark.slow  # real data
 def test_end_to_end_stopped_by_a_signal_reports_no_timing(fashion_mnist_dir, tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--end_to_end", "--data_dir", str(fashion_mnist_dir),
          "--workdir", str(tmp_path / "run"), "--epochs", "3", "--train_examples", "256",

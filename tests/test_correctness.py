@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TINY
+from conftest import DEFAULT_XLA_FLAGS, TINY
 
 from resnet_jax import data as data_lib
 from resnet_jax.models import ResNet
@@ -101,8 +101,10 @@ def test_a_tiny_run_on_the_real_data_learns(run_train, tmp_path):
     """64 steps of 32 images, 16x16, width 4: far above chance (0.1) on 500 test images.
     Measured (this configuration, seeds 0-5, 2-core CPU): 0.654 to 0.694; the threshold 0.5
     leaves 0.15 below the worst seed. Labels paired with the wrong images stay near 0.1."""
+    # With XLA's default flags, as a user runs it (the suite's are in conftest.py).
     out = run_train(f"--workdir={tmp_path}", *TINY, "--epochs=8", "--optimizer=momentum",
-                    "--learning_rate=0.05", "--eval_examples=500")
+                    "--learning_rate=0.05", "--eval_examples=500",
+                    env={"XLA_FLAGS": DEFAULT_XLA_FLAGS})
     assert out.returncode == 0, out.stderr[-2000:]
     accuracy = float(out.stdout.split("val accuracy ")[-1].split(",")[0])
     assert accuracy > 0.5, out.stdout

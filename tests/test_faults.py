@@ -18,7 +18,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import TINY, TRAIN
+from conftest import TINY, TRAIN, xla_flags
 
 from resnet_jax.errors import UserError
 
@@ -537,7 +537,7 @@ def test_a_signal_during_start_up_is_one_line(sig, status, word, fashion_mnist_d
 
 
 def test_batch_not_divisible_by_devices_is_one_line(fashion_mnist_dir, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8),
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(TRAIN), f"--data_dir={fashion_mnist_dir}",
                           f"--workdir={tmp_path}", "--batch_size=12"],
