@@ -537,8 +537,7 @@ def test_a_signal_during_start_up_is_one_line(sig, status, word, fashion_mnist_d
 
 
 def test_batch_not_divisible_by_devices_is_one_line(fashion_mnist_dir, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": xla_flags(8),
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(TRAIN), f"--data_dir={fashion_mnist_dir}",
                           f"--workdir={tmp_path}", "--batch_size=12"],
                          capture_output=True, text=True, env=env, timeout=300)
