@@ -217,7 +217,10 @@ def _windows_conv_bwd(strides: tuple[int, int], padding: Pads, precision: Any,
     x_late = x + (grad[0, 0, 0, 0] * 0).astype(x.dtype)
     patches = _patches(x_late, (kh, kw), strides, padding)
     # (O, kh*kw*C) then transposed: as (kh*kw*C, O), XLA:CPU copied the windows transposed.
-    dk = jnp.einsum("nhwo,nhwk->ok", grad, patches, precision=precision)
+    # One contracting axis of N*H'*W': contracting over n, h and w, XLA:CPU reordered both
+    # operands to (h, n, w) with a copy each.
+    dk = jnp.einsum("mo,mk->ok", grad.reshape(-1, out), patches.reshape(-1, kh * kw * c),
+                    precision=precision)
     dk = dk.T.reshape(k.shape).astype(k.dtype)
     if strides == (1, 1):
         # The transposed convolution as a forward one: the cotangent, padded by kernel - 1 -
