@@ -166,14 +166,16 @@ def conv_im2col(
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Pads
-             ) -> jax.Array:
-    """The ``(N, H', W', kh*kw*C)`` windows of ``x`` (NHWC) zero-padded by ``padding``."""
+def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Pads,
+             flipped: bool = False) -> jax.Array:
+    """The ``(N, H', W', kh*kw*C)`` windows of ``x`` (NHWC) zero-padded by ``padding``, in
+    row-major window order, or its reverse if ``flipped`` (the order of a kernel flipped in
+    space)."""
     (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
     x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0),
                                             (0, 0, 0)))
     out = ((x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1)
-    windows = _strided_windows(x, window, strides, out)
+    windows = _strided_windows(x, window, strides, out)[::-1 if flipped else 1]
     return windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
 
 
@@ -213,7 +215,8 @@ def _windows_conv_bwd(strides: tuple[int, int], padding: Pads, precision: Any,
     # The windows are built from x plus a zero taken from the cotangent: XLA:CPU drops
     # optimisation barriers, and its scheduler then built every conv's windows in the forward
     # pass and kept them all (the chapter's step at 96x96, batch 128: 1.8 GB of temp memory
-    # against 0.9 GB with the zero).
+    # against 0.9 GB with the zero). Keeping the forward's windows where it built them (maps
+    # under 12x12) was slower: 1,502 against 1,904 img/s at 28x28, width 32, batch 128.
     x_late = x + (grad[0, 0, 0, 0] * 0).astype(x.dtype)
     patches = _patches(x_late, (kh, kw), strides, padding)
     # (O, kh*kw*C) then transposed: as (kh*kw*C, O), XLA:CPU copied the windows transposed.
@@ -227,15 +230,21 @@ def _windows_conv_bwd(strides: tuple[int, int], padding: Pads, precision: Any,
         # padding, convolved with the kernel flipped in space and its channel axes swapped; no
         # sum of kh*kw shifted slices. (XLA's own gradient reverses the kernel inside a slow
         # kernel of XLA:CPU's.)
-        flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
         pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
                 (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
         if _xla_runs_it_well(x.shape, strides):
+            flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
             dx = lax.conv_general_dilated(grad, flipped, (1, 1), pads,
                                           dimension_numbers=_NHWC, precision=precision)
         else:
-            dx = jnp.einsum("nhwk,kc->nhwc", _patches(grad, (kh, kw), (1, 1), pads),
-                            flipped.reshape(kh * kw * out, c), precision=precision)
+            # The cotangent's windows in flipped order, and the kernel as (C, kh*kw*O): the
+            # product's right operand transposed. As (kh*kw*O, C) flipped, XLA:CPU reversed and
+            # transposed every (O, C) block element by element (those copies took 23% of the
+            # 32x32 step's op time); this moves whole rows of O.
+            rows = k.reshape(kh * kw, c, out).transpose(1, 0, 2).reshape(c, kh * kw * out)
+            dx = jnp.einsum("nhwk,ck->nhwc",
+                            _patches(grad, (kh, kw), (1, 1), pads, flipped=True), rows,
+                            precision=precision)
     else:  # the windows' own transpose: sums of strided pads
         dpatches = jnp.einsum("nhwo,ko->nhwk", grad, k.reshape(kh * kw * c, out),
                               precision=precision)
