@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -305,3 +306,28 @@ def test_backend_defaults_follow_the_backend_given(backend, dispatch, cached, mo
     here = jax.default_backend()
     assert default_steps_per_dispatch() == default_steps_per_dispatch(here)
     assert compilation_cache_dir("auto") == compilation_cache_dir("auto", here)
+
+
+def test_the_cpus_epoch_estimate_times_only_steps_after_the_eval_compilation():
+    # Steps that overlapped the eval program's compilation ran 1.7x slower (--preset=quick):
+    # the clock starts after it. The chunk queued behind the one read while waiting finished
+    # meanwhile, so the clock starts when that chunk is read; each later chunk takes `step`.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from resnet_jax.train import _EpochEstimate
+
+    step = 0.05
+    with ThreadPoolExecutor(1) as pool:
+        compiling = pool.submit(time.sleep, 4 * step)
+        estimate = _EpochEstimate(steps_per_epoch=100, enabled=True, compiling=compiling)
+        assert estimate.steps_done(1) is None and compiling.done()  # it waited
+        assert estimate.steps_done(1) is None  # the chunk that ran meanwhile: the clock starts
+        lines = []
+        for _ in range(3):
+            time.sleep(step)
+            lines.append(estimate.steps_done(1))
+    assert lines[:2] == [None, None] and "timed over 3 steps" in lines[2]
+    per_step = float(lines[2].split("(")[1].split(" s per step")[0])
+    assert per_step >= step  # three chunks of `step` each, nothing done before the clock
+    assert estimate.steps_done(1) is None  # said once
+    assert _EpochEstimate(100, enabled=False).steps_done(1) is None
