@@ -26,6 +26,9 @@ Where things live, lowest layer first; a module uses only those above it in this
 - `distributed`: joining several processes (hosts) before training. Uses `errors`.
 - `interop`: weights from and to PyTorch (`from_torch`, `to_torch`: torchvision's state_dict
   keys and layouts). Uses `models`.
+- `chapter_torch`: the chapter's own PyTorch ResNet-18 (D2L 8.6), the reference the scripts
+  check and time resnet_jax against, and its weights as resnet_jax variables (needs torch).
+  Uses none.
 - `finetune`: a fresh run's starting weights from `--init_from` (a PyTorch file or another
   run's workdir), fitted to the model. Uses `interop`, `config`, `errors`.
 - `train`: `train_step`/`eval_step`, their sharded jitted loops (`make_train_loop`), and
@@ -39,8 +42,8 @@ Where things live, lowest layer first; a module uses only those above it in this
   `runs` (train, resume, skip or share each run), `report` (tables and plots). Uses `train`.
 
 The scripts in `scripts/` (train, evaluate, benchmark, experiment, summary, export,
-compare_torch_cpu) parse flags and call
-these; `tests/` has a test file per module.
+compare_torch_cpu, check_torch_parity) parse flags and call these; `tests/` has a test file per
+module.
 """
 
 from __future__ import annotations
@@ -69,9 +72,9 @@ __all__ = [
 _EXPORTS = {name: "resnet_jax.errors" if name == "UserError" else "resnet_jax.models"
             for name in __all__}
 # The submodules, also loaded on first use: `resnet_jax.train.train_step` after `import resnet_jax`.
-_SUBMODULES = frozenset({"benchmark", "checkpoint", "cli", "config", "conv", "data",
-                         "distributed", "errors", "experiments", "finetune", "interop", "metrics",
-                         "models", "optimizer", "summary", "train"})
+_SUBMODULES = frozenset({"benchmark", "chapter_torch", "checkpoint", "cli", "config", "conv",
+                         "data", "distributed", "errors", "experiments", "finetune", "interop",
+                         "metrics", "models", "optimizer", "summary", "train"})
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

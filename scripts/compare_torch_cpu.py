@@ -69,49 +69,15 @@ def _parser() -> argparse.ArgumentParser:
 # The chapter's PyTorch code (D2L 8.6), with the width scaled as resnet_jax's --width does.
 
 
-def torch_resnet18(width: int, num_classes: int = 10):
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-
-    class Residual(nn.Module):
-        def __init__(self, in_channels, num_channels, use_1x1conv=False, strides=1):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_channels, num_channels, 3, padding=1, stride=strides)
-            self.conv2 = nn.Conv2d(num_channels, num_channels, 3, padding=1)
-            self.conv3 = (nn.Conv2d(in_channels, num_channels, 1, stride=strides)
-                          if use_1x1conv else None)
-            self.bn1, self.bn2 = nn.BatchNorm2d(num_channels), nn.BatchNorm2d(num_channels)
-
-        def forward(self, x):
-            y = F.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            return F.relu(y + (self.conv3(x) if self.conv3 is not None else x))
-
-    channels = [c * width // 64 for c in (64, 128, 256, 512)]
-    layers = [nn.Conv2d(1, channels[0], 7, stride=2, padding=3), nn.BatchNorm2d(channels[0]),
-              nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
-    previous = channels[0]
-    for i, c in enumerate(channels):
-        for j in range(2):
-            first = i > 0 and j == 0
-            layers.append(Residual(previous, c, use_1x1conv=first, strides=2 if first else 1))
-            previous = c
-    layers += [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(previous, num_classes)]
-    net = nn.Sequential(*layers)
-    for m in net.modules():  # d2l.init_cnn
-        if isinstance(m, nn.Linear | nn.Conv2d):
-            torch.nn.init.xavier_uniform_(m.weight)
-    return net
-
-
 def torch_stepper(side: int, batch: int, width: int, threads: int) -> Callable[[int], None]:
     """`run(n)` trains the PyTorch model n steps on fixed random data, as the chapter does."""
     import torch
 
+    from resnet_jax.chapter_torch import chapter_resnet18
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = torch_resnet18(width)
+    net = chapter_resnet18(width, image_size=side)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
     loss_fn = torch.nn.CrossEntropyLoss()
     x = torch.rand(batch, 1, side, side)
@@ -169,10 +135,10 @@ def compare(side: int, batch: int, width: int, args: argparse.Namespace) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.steps <= 0 or args.repeats <= 0 or args.threads <= 0:
-        raise UserError("--steps, --repeats and --threads must be positive")
 
     def job() -> int:
+        if args.steps <= 0 or args.repeats <= 0 or args.threads <= 0:
+            raise UserError("--steps, --repeats and --threads must be positive")
         try:
             import torch
         except ImportError:

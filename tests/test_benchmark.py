@@ -267,7 +267,9 @@ def test_compare_torch_cpu_times_both_and_reports_the_ratio():
     assert len(result["torch_img_s_repeats"]) == len(result["resnet_jax_img_s_repeats"]) == 2
     assert result["ratio"] == pytest.approx(result["resnet_jax_img_s"] / result["torch_img_s"])
     assert "conv im2col" in out.stdout.splitlines()[0]
-    bad = subprocess.run([sys.executable, str(COMPARE), "--sizes", "96x128"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    assert "a size is SIDE:BATCH:WIDTH" in bad.stderr
+    for args, message in ((["--sizes", "96x128"], "a size is SIDE:BATCH:WIDTH"),
+                          (["--steps", "0"], "--steps, --repeats and --threads must be positive")):
+        bad = subprocess.run([sys.executable, str(COMPARE), *args], capture_output=True,
+                             text=True, timeout=60)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert message in bad.stderr

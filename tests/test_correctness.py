@@ -1,12 +1,19 @@
-"""The trainer against independent references: a dispatch of the jitted loop against
-`train_step` on a batch gathered by hand, and a tiny real-data run that learns."""
+"""The trainer against independent references: the train step against the chapter's own
+PyTorch code, a dispatch of the jitted loop against `train_step` on a batch gathered by hand,
+and a tiny real-data run that learns."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import DEFAULT_XLA_FLAGS, TINY
+from conftest import DEFAULT_XLA_FLAGS, REPO, TINY
 
 from resnet_jax import data as data_lib
 from resnet_jax.models import ResNet
@@ -22,6 +29,36 @@ from resnet_jax.train import (
 )
 
 SEED, BATCH, SIZE = 5, 8, 16
+CHECK = REPO / "scripts" / "check_torch_parity.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="torch/torchvision not installed (pip install -e '.[torch]')")
+def test_the_train_step_is_the_chapters_pytorch_code_in_float64(fashion_mnist_dir):
+    # The chapter's ResNet-18 in PyTorch (its Lazy modules and init_cnn), its weights copied in,
+    # two SGD steps on the same real batches: in float64 only the order of sums may differ.
+    out = subprocess.run(
+        [sys.executable, str(CHECK), "--float64", "--steps=2", "--image_size=32",
+         "--batch_size=8", f"--data_dir={fashion_mnist_dir}", "--json"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.splitlines()[-1])
+    assert len(found["losses"]) == 2
+    for step in found["losses"]:
+        assert step["resnet_jax"] == pytest.approx(step["torch"], rel=1e-11, abs=0)
+    assert found["params_rel_diff"] < 1e-10 and found["running_mean_rel_diff"] < 1e-10
+    # PyTorch updates the running variance with the unbiased batch variance, Flax with the
+    # biased one: a relative difference under 1/n for n values per channel (8 in the last
+    # stage's 1x1 maps), and through it evaluation logits a little apart.
+    assert found["running_var_rel_diff"] < 1 / 8
+    assert found["eval_logits_max_diff"] < 1e-2
+    # torchvision resizes in uint8: at most one level apart.
+    assert found["input_max_diff_255"] <= 1.0 + 1e-9
+    bad = subprocess.run([sys.executable, str(CHECK), "--batch_size=1"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--batch_size at least 2 (batch norm in training mode)" in bad.stderr
 
 
 def _data(num_train: int = 48) -> DeviceData:
