@@ -182,7 +182,8 @@ def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pa
 def _xla_runs_it_well(x_shape: Sequence[int], strides: tuple[int, int]) -> bool:
     """Whether XLA:CPU's own convolution is the faster program for a stride-1 conv of this
     input (forward, and its input gradient as a forward conv): on maps of 12x12 and more. On
-    smaller maps it trained the chapter's ResNet-18 at 28x28-32x32 2-3x slower than im2col."""
+    smaller maps it trained the chapter's ResNet-18 at 28x28-32x32 2-3x slower than im2col.
+    The same maps take :func:`_row_windows_weight_grad` for their weight gradient."""
     return strides == (1, 1) and x_shape[1] * x_shape[2] >= 144
 
 
@@ -272,14 +273,12 @@ def _row_windows_weight_grad(x: jax.Array, grad: jax.Array, window: tuple[int, i
     the step ran at 73-76 against 68-70 img/s in 695 against 775 MiB. Used on maps of 12x12 and
     more: on the 7x7 maps of the 28x28 step it was slower (1,679 against ~1,850 img/s).
     """
-    (kh, kw), ((top, bottom), (left, right)) = window, padding
-    _, oh, ow, out = grad.shape
+    kh, kw = window
+    _, oh, _, out = grad.shape
     c = x.shape[-1]
-    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0),
-                                            (0, 0, 0)))
-    columns = [lax.slice_in_dim(x, j, j + ow, axis=2) for j in range(kw)]
-    rows = (columns[0] if kw == 1 else jnp.concatenate(columns, axis=-1)).reshape(-1, kw * c)
-    height = x.shape[1]  # = oh + kh - 1
+    columns = _patches(x, (1, kw), (1, 1), padding)  # (N, oh + kh - 1, ow, kw*C)
+    height = columns.shape[1]
+    rows = columns.reshape(-1, kw * c)
     per_row = [jnp.einsum("mo,mk->ok",
                           lax.pad(grad, jnp.zeros((), grad.dtype),
                                   ((0, 0, 0), (i, height - oh - i, 0), (0, 0, 0), (0, 0, 0))
