@@ -8,8 +8,9 @@ Where things live, lowest layer first; a module uses only those above it in this
 - `errors`: `UserError` (a one-line mistake in the user's input) and `DivergedError`. Uses none.
 - `cli`: what the scripts share: one-line errors and exit codes (`run_main`), signals
   (`main_guard`), `check_writable`. Uses `errors`.
-- `conv`: the convolutions' alternative programs (im2col, per-group, space-to-depth; the same
-  function as XLA's) and their per-backend choice. Uses none.
+- `conv`: the convolutions' alternative programs (im2col, by map size, per-group,
+  space-to-depth; the same function as XLA's), their per-backend choice and the compiler
+  options that go with it. Uses none.
 - `models`: the networks (blocks, `ResNet`, the registry `create_model`/`list_models`,
   `param_count`, `model_flops`). Uses `conv`.
 - `summary`: a model's shape listing (each layer's output shape; parameters and FLOPs per
@@ -61,6 +62,8 @@ __all__ = [
     "ResNet",
     "Residual",
     "UserError",
+    "compiler_options",
+    "conv_by_map",
     "conv_im2col",
     "conv_per_group",
     "conv_space_to_depth",
@@ -86,6 +89,8 @@ if TYPE_CHECKING:
         Residual,
         ResNet,
         ResNeXtBlock,
+        compiler_options,
+        conv_by_map,
         conv_im2col,
         conv_per_group,
         conv_space_to_depth,

@@ -38,6 +38,7 @@ from resnet_jax import data as data_lib
 from resnet_jax import models
 from resnet_jax import train as train_lib
 from resnet_jax.config import Config, validate
+from resnet_jax.conv import compiler_options
 from resnet_jax.errors import UserError
 from resnet_jax.optimizer import create_optimizer
 
@@ -331,13 +332,14 @@ class _Group:
         # as a traced value, so every steps_per_dispatch > 1 shares one compilation.
         self.train_loop = train_lib.make_train_loop(
             mesh, batch_size=case.batch_size, image_size=case.image_size, seed=case.seed,
-            dtype=self.dtype)
+            dtype=self.dtype, compiler_options=compiler_options(case.conv))
         self.eval_result: dict | None = None
 
 
 def _time_eval(group: _Group, case: Case, mesh: Mesh) -> dict:
     """Compile time and steady images/s of make_eval_loop over the synthetic test split."""
-    evaluate = train_lib.make_eval_loop(mesh, image_size=case.image_size, dtype=group.dtype)
+    evaluate = train_lib.make_eval_loop(mesh, image_size=case.image_size, dtype=group.dtype,
+                                        compiler_options=compiler_options(case.conv))
     idx, mask = train_lib.replicate(data_lib.eval_batches(case.eval_examples, case.batch_size),
                                     mesh)
     with CompileTimer() as timer:

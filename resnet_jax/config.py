@@ -137,8 +137,10 @@ class Config:
     conv: str = _f("auto", "how every convolution is computed, with the same parameters and "
                    "results: xla (XLA's convolutions), im2col (stacked windows times one "
                    "matrix: 1.75-4x faster training on XLA:CPU, more memory), by_size (im2col for "
-                   "grouped convs and those of at least 10 MFLOP, xla for smaller ones), auto "
-                   "(by_size on a CPU, xla elsewhere)", choices=CONVS)
+                   "grouped convs and those of at least 10 MFLOP, xla for smaller ones), by_map "
+                   "(a dense product on maps of at most 2x2, else xla with XLA:CPU's fast "
+                   "gradients and its convolutions outside YNNPACK), auto (by_map on a CPU, xla "
+                   "elsewhere)", choices=CONVS)
     seed: int = _f(0, "seed of every random draw (init, data order, augmentation)")
     init_from: str | None = _f(
         None, "start from these weights instead of a random init: a torchvision or timm .pth, "

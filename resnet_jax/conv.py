@@ -9,11 +9,14 @@ own convolutions while a CPU gets what is fast there:
 
 * ``conv``: ``"xla"`` (``lax.conv_general_dilated``), ``"im2col"`` (:func:`conv_im2col`: the
   shifted windows of the padded input stacked on the channel axis, times the kernel as one
-  matrix) or ``"by_size"`` (im2col for grouped convolutions and those of at least
-  ``IM2COL_MIN_FLOPS``, XLA's below). In a train step on XLA:CPU, im2col ran the chapter's
-  ResNet-18 2-4x faster at 28x28-32x32 (benchmarks.md); for tiny ungrouped convolutions (a
-  few MFLOP, as in unit tests) it was slower and took ~1.7x longer to compile. ``"auto"`` is
-  ``"by_size"`` on a CPU, ``"xla"`` elsewhere. The stem's max-pool goes with it
+  matrix), ``"by_size"`` (im2col for grouped convolutions and those of at least
+  ``IM2COL_MIN_FLOPS``, XLA's below) or ``"by_map"`` (:func:`conv_by_map`: by the input map's
+  size, a dense matrix product on maps of at most 2x2 pixels, else XLA's convolution with
+  gradients XLA:CPU runs fast; its programs compile with :func:`compiler_options`, which take
+  XLA:CPU's convolutions out of YNNPACK). In a train step on XLA:CPU, im2col ran the chapter's
+  ResNet-18 2-4x faster than XLA's convolutions at 28x28-32x32, and by_map 1.3-1.5x faster
+  than by_size on a Xeon with AVX-512 (benchmarks.md). ``"auto"`` is ``"by_map"`` on a CPU,
+  ``"xla"`` elsewhere. The stem's max-pool goes with it
   (:func:`max_pool`): XLA's reduce-window under ``"xla"``, else :func:`max_pool_slices`, whose
   gradient needs no scatter.
 * ``grouped_conv`` (convs with groups, ResNeXt, under ``conv="xla"``): ``"native"``
@@ -29,19 +32,27 @@ own convolutions while a CPU gets what is fast there:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-CONVS = ("auto", "xla", "im2col", "by_size")
+CONVS = ("auto", "xla", "im2col", "by_size", "by_map")
 # Forward FLOPs of one call (2 * N * H' * W' * kh * kw * C/groups * O) from which "by_size"
 # takes im2col: the tiny convs of a TINY test model (~2 MFLOP) ran faster and compiled
 # faster as XLA's; the quick preset's (~30-150 MFLOP) 2-3x faster as im2col.
 IM2COL_MIN_FLOPS = 10e6
+# "by_map": maps of at most this many pixels (2x2 and smaller) take the conv's dense matrix.
+DENSE_MAX_PIXELS = 4
+# XLA:CPU's fusion types of YNNPACK without its convolutions (the default list, less
+# LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION): "by_map" programs compile with it.
+YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+YNN_FUSIONS_WITHOUT_CONVS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 GROUPED_CONVS = ("auto", "native", "split")
 STEM_CONVS = ("auto", "direct", "space_to_depth")
 
@@ -59,13 +70,27 @@ def _on_cpu(backend: str | None) -> bool:
 
 
 def resolve_conv(choice: str, backend: str | None = None) -> str:
-    """``"xla"``, ``"im2col"`` or ``"by_size"``: ``choice`` itself, or for ``"auto"`` the
-    backend's (``backend``, default ``jax.default_backend()``): by size on a CPU, XLA's
-    convolutions elsewhere."""
+    """``"xla"``, ``"im2col"``, ``"by_size"`` or ``"by_map"``: ``choice`` itself, or for
+    ``"auto"`` the backend's (``backend``, default ``jax.default_backend()``): by map on a CPU,
+    XLA's convolutions elsewhere."""
     _check("conv", choice, CONVS)
     if choice == "auto":
-        return "by_size" if _on_cpu(backend) else "xla"
+        return "by_map" if _on_cpu(backend) else "xla"
     return choice
+
+
+def compiler_options(conv: str = "auto", backend: str | None = None) -> dict[str, str] | None:
+    """The XLA options a program of the resolved ``conv`` compiles with (``jax.jit(...,
+    compiler_options=...)``), or None: under ``"by_map"`` on a CPU, XLA:CPU's convolutions
+    run outside YNNPACK (``YNN_FUSIONS_WITHOUT_CONVS``), unless ``XLA_FLAGS`` already sets
+    that flag. Why: on a Xeon with AVX-512 XLA:CPU's other convolution kernels ran the
+    chapter's 3x3 convolutions 1.2-1.8x faster forward and 1.2-3.4x faster as weight gradients
+    (benchmarks.md). Without these options a "by_map" program gives the same values, slower.
+    """
+    if resolve_conv(conv, backend) != "by_map" or not _on_cpu(backend) \
+            or YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return {YNN_FUSION_FLAG: YNN_FUSIONS_WITHOUT_CONVS}
 
 
 def resolve_grouped_conv(choice: str, backend: str | None = None) -> str:
@@ -92,8 +117,8 @@ def conv_function(conv: str, grouped_conv: str = "auto", *, groups: int = 1,
     one of this module's functions, for resolved or ``"auto"`` choices."""
     xla = conv_per_group if groups > 1 and resolve_grouped_conv(grouped_conv) == "split" else None
     inner = {"xla": xla, "im2col": conv_im2col,
-             "by_size": functools.partial(conv_by_size, xla=xla or lax.conv_general_dilated)
-             }[resolve_conv(conv)]
+             "by_size": functools.partial(conv_by_size, xla=xla or lax.conv_general_dilated),
+             "by_map": conv_by_map}[resolve_conv(conv)]
     if space_to_depth:
         return functools.partial(conv_space_to_depth, inner=inner or lax.conv_general_dilated)
     return inner
@@ -228,33 +253,39 @@ def _windows_conv_bwd(strides: tuple[int, int], padding: Pads, precision: Any,
         # reordered both operands to (h, n, w) with a copy each.
         dk = jnp.einsum("mo,mk->ok", grad.reshape(-1, out), patches.reshape(-1, kh * kw * c),
                         precision=precision).T.reshape(k.shape)
-    dk = dk.astype(k.dtype)
-    if strides == (1, 1):
-        # The transposed convolution as a forward one: the cotangent, padded by kernel - 1 -
-        # padding, convolved with the kernel flipped in space and its channel axes swapped; no
-        # sum of kh*kw shifted slices. (XLA's own gradient reverses the kernel inside a slow
-        # kernel of XLA:CPU's.)
-        pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
-                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
-        if _xla_runs_it_well(x.shape, strides):
-            flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
-            dx = lax.conv_general_dilated(grad, flipped, (1, 1), pads,
-                                          dimension_numbers=_NHWC, precision=precision)
-        else:
-            # The cotangent's windows in flipped order, and the kernel as (C, kh*kw*O): the
-            # product's right operand transposed. As (kh*kw*O, C) flipped, XLA:CPU reversed and
-            # transposed every (O, C) block element by element (those copies took 23% of the
-            # 32x32 step's op time); this moves whole rows of O.
-            rows = k.reshape(kh * kw, c, out).transpose(1, 0, 2).reshape(c, kh * kw * out)
-            dx = jnp.einsum("nhwk,ck->nhwc",
-                            _patches(grad, (kh, kw), (1, 1), pads, flipped=True), rows,
-                            precision=precision)
-    else:  # the windows' own transpose: sums of strided pads
+    return _input_grad(x, k, grad, strides, padding, precision,
+                       as_conv=_xla_runs_it_well(x.shape, strides)), dk.astype(k.dtype)
+
+
+def _input_grad(x: jax.Array, k: jax.Array, grad: jax.Array, strides: tuple[int, int],
+                padding: Pads, precision: Any, as_conv: bool) -> jax.Array:
+    """The input gradient of an NHWC/HWIO convolution of ``x`` by ``k`` for cotangent ``grad``.
+
+    Stride 1: the transposed convolution as a forward one, of the cotangent padded by
+    kernel - 1 - padding with the kernel flipped in space and its channel axes swapped: XLA's
+    convolution if ``as_conv``, else the cotangent's windows times the kernel. (XLA's own
+    gradient reverses the kernel inside a slow kernel of XLA:CPU's.) Other strides: the
+    windows' own transpose, sums of strided pads of the cotangent times the kernel.
+    """
+    kh, kw, c, out = k.shape
+    if strides != (1, 1):
         dpatches = jnp.einsum("nhwo,ko->nhwk", grad, k.reshape(kh * kw * c, out),
                               precision=precision)
         _, windows_vjp = jax.vjp(lambda x: _patches(x, (kh, kw), strides, padding), x)
-        (dx,) = windows_vjp(dpatches.astype(x.dtype))
-    return dx.astype(x.dtype), dk
+        return windows_vjp(dpatches.astype(x.dtype))[0]
+    pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+            (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+    if as_conv:
+        flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+        return lax.conv_general_dilated(grad, flipped, (1, 1), pads, dimension_numbers=_NHWC,
+                                        precision=precision).astype(x.dtype)
+    # The cotangent's windows in flipped order, and the kernel as (C, kh*kw*O): the product's
+    # right operand transposed. As (kh*kw*O, C) flipped, XLA:CPU reversed and transposed every
+    # (O, C) block element by element (those copies took 23% of the 32x32 step's op time);
+    # this moves whole rows of O.
+    rows = k.reshape(kh * kw, c, out).transpose(1, 0, 2).reshape(c, kh * kw * out)
+    return jnp.einsum("nhwk,ck->nhwc", _patches(grad, (kh, kw), (1, 1), pads, flipped=True),
+                      rows, precision=precision).astype(x.dtype)
 
 
 _windows_conv.defvjp(_windows_conv_fwd, _windows_conv_bwd)
@@ -374,6 +405,131 @@ def conv_by_size(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
                    or conv_flops(lhs.shape, rhs.shape, window_strides, padding)
                    >= IM2COL_MIN_FLOPS))
     return (conv_im2col if im2col else xla)(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def conv_by_map(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                **kwargs: Any) -> jax.Array:
+    """``lax.conv_general_dilated`` of an NHWC/HWIO convolution, its program chosen by the
+    size of its input map, for XLA:CPU with the options of :func:`compiler_options`.
+
+    * Maps of at most ``DENSE_MAX_PIXELS`` pixels (2x2, 1x1): :func:`conv_dense`. XLA:CPU's
+      convolution took 16 ms for a 3x3 conv on 128x2x2x128 maps; this is one small product.
+    * Larger maps with kernels larger than 1x1: :func:`conv_xla_cpu`, XLA's convolution with
+      a weight gradient it runs fast.
+    * 1x1 kernels and grouped convolutions: :func:`conv_im2col` (a plain or batched product).
+
+    Dilated or non-NHWC convolutions go to ``lax.conv_general_dilated`` unchanged.
+    """
+    plain = _is_plain_nhwc(lhs, rhs, kwargs.get("dimension_numbers"),
+                           kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation"))
+    kh, kw = rhs.shape[:2]
+    if not plain or kwargs.get("feature_group_count", 1) > 1 or kh * kw == 1:
+        return conv_im2col(lhs, rhs, window_strides, padding, **kwargs)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    strides = tuple(int(s) for s in window_strides)
+    precision = kwargs.get("precision")
+    element_type = kwargs.get("preferred_element_type")
+    if lhs.shape[1] * lhs.shape[2] <= DENSE_MAX_PIXELS:
+        return conv_dense(lhs, rhs, strides, padding, precision, element_type)
+    return conv_xla_cpu(lhs, rhs, strides, padding, precision, element_type)
+
+
+def _taps(size: tuple[int, int], window: tuple[int, int], strides: tuple[int, int],
+          padding: Pads) -> np.ndarray:
+    """``(H'*W', H*W, kh*kw)`` one-hot: which kernel tap joins input pixel q to output pixel p
+    (none where the tap falls in the padding)."""
+    (h, w), (kh, kw), (sh, sw), ((top, bottom), (left, right)) = size, window, strides, padding
+    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+    taps = np.zeros((oh, ow, h, w, kh, kw), np.float32)
+    for y, x, i, j in np.ndindex(oh, ow, kh, kw):
+        u, v = y * sh + i - top, x * sw + j - left
+        if 0 <= u < h and 0 <= v < w:
+            taps[y, x, u, v, i, j] = 1
+    return taps.reshape(oh * ow, h * w, kh * kw)
+
+
+def conv_dense(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int], padding: Pads,
+               precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """An NHWC/HWIO convolution (explicit padding) as one product with its dense matrix: the
+    flattened ``(N, H*W*C)`` input times the ``(H*W*C, H'*W'*O)`` matrix that holds kernel tap
+    (i, j) in the block joining each input pixel to each output pixel it reaches.
+
+    The matrix has ``H*W*H'*W'`` blocks of ``C x O``, so this suits maps no larger than the
+    kernel: on a 2x2 map it multiplies by the 4 taps each output reads where the windows
+    would multiply all 9, 5 of them zero padding; on a 1x1 map, only the centre tap. The
+    gradients are products too (autodiff).
+    """
+    n, h, w, c = lhs.shape
+    kh, kw, _, out = rhs.shape
+    taps = _taps((h, w), (kh, kw), strides, padding)
+    matrix = jnp.einsum("pqt,tco->qcpo", jnp.asarray(taps, rhs.dtype),
+                        rhs.reshape(kh * kw, c, out), precision=precision)
+    y = jnp.einsum("nk,km->nm", lhs.reshape(n, h * w * c),
+                   matrix.reshape(h * w * c, -1), precision=precision,
+                   preferred_element_type=preferred_element_type)
+    oh, ow = ((size + lo + hi - k) // stride + 1 for size, (lo, hi), k, stride
+              in zip((h, w), padding, (kh, kw), strides, strict=True))
+    return y.reshape(n, oh, ow, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_xla_cpu(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int], padding: Pads,
+                 precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """XLA's NHWC/HWIO convolution (explicit padding) with its own gradient, for XLA:CPU.
+
+    Stride-1 input gradients are a forward convolution (:func:`_input_grad`), strided ones
+    the windows' transpose (XLA's dilated-cotangent convolution was 1.4x slower). The weight
+    gradient is XLA's convolution of the transposed input and cotangent
+    (:func:`_weight_grad_of_transposes`).
+    """
+    return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC,
+                                    precision=precision,
+                                    preferred_element_type=preferred_element_type)
+
+
+def _conv_xla_cpu_fwd(lhs, rhs, strides, padding, precision, preferred_element_type):
+    return conv_xla_cpu(lhs, rhs, strides, padding, precision, preferred_element_type), (lhs, rhs)
+
+
+def _conv_xla_cpu_bwd(strides: tuple[int, int], padding: Pads, precision: Any,
+                      preferred_element_type: Any, saved: tuple[jax.Array, jax.Array],
+                      grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, k = saved
+    dk = _weight_grad_of_transposes(x, k, grad, strides, padding, precision)
+    return _input_grad(x, k, grad, strides, padding, precision, as_conv=True), dk
+
+
+conv_xla_cpu.defvjp(_conv_xla_cpu_fwd, _conv_xla_cpu_bwd)
+
+
+def _weight_grad_of_transposes(x: jax.Array, k: jax.Array, grad: jax.Array,
+                               strides: tuple[int, int], padding: Pads,
+                               precision: Any) -> jax.Array:
+    """The kernel gradient of an NHWC/HWIO convolution as XLA's convolution of the input
+    transposed to (C, H, W, N) with the cotangent transposed to (H', W', N, O) as the kernel
+    (dilated by the stride): the sum over N is its channel axis.
+
+    The transposes are taken inside a ``lax.cond`` (both branches the same) that XLA cannot
+    fuse into. Left to itself, XLA:CPU recomputed each conv's input (the previous blocks' batch
+    norm, residual sums and ReLU) and the cotangent inside its transposes, reading them in
+    transposed order: 35-55 ms per transpose against 5 for a plain one, and the chapter's step
+    at 96x96 ran at 90 against 102 img/s.
+    """
+    kh, kw = k.shape[:2]
+
+    def transposed(operands):
+        return operands[0].transpose(3, 1, 2, 0), operands[1].transpose(1, 2, 0, 3)
+
+    # The predicate is the kernel's (replicated: no communication), true but for a NaN.
+    x_t, grad_t = lax.cond(k[0, 0, 0, 0] == k[0, 0, 0, 0], transposed, transposed, (x, grad))
+    # Rows and columns past the last window's reach are padding the forward never read.
+    pads = [(lo, hi - (size + lo + hi - window) % stride) for size, (lo, hi), window, stride
+            in zip(x.shape[1:3], padding, (kh, kw), strides, strict=True)]
+    dk = lax.conv_general_dilated(x_t, grad_t, (1, 1), pads, rhs_dilation=strides,
+                                  dimension_numbers=_NHWC, precision=precision)
+    return dk.transpose(1, 2, 0, 3).astype(k.dtype)
 
 
 def conv_per_group(

@@ -18,10 +18,12 @@ All padding is explicit and PyTorch-style (``((p, p), (p, p))``, max-pool padded
 spatial sizes equal PyTorch's: a 28x28 input gives 14, 7, 7, 4, 2, 1 through the chapter's net.
 
 How the convolutions are computed is chosen per backend, with the same parameters and the same
-function whatever the choice (``resnet_jax.conv``): ``conv`` ("auto" | "xla" | "im2col"; im2col,
-one matrix product per conv, on a CPU), ``grouped_conv`` ("auto" | "native" | "split"; groups
-split on a CPU under "xla") and ``stem_conv`` ("auto" | "direct" | "space_to_depth"; a
-space-to-depth stem except on a CPU). On a GPU or TPU "auto" gives XLA's own convolutions.
+function whatever the choice (``resnet_jax.conv``): ``conv`` ("auto" | "xla" | "im2col" |
+"by_size" | "by_map"; by_map on a CPU, whose programs want
+``jax.jit(..., compiler_options=resnet_jax.conv.compiler_options())``), ``grouped_conv``
+("auto" | "native" | "split"; groups split on a CPU under "xla") and ``stem_conv`` ("auto" |
+"direct" | "space_to_depth"; a space-to-depth stem except on a CPU). On a GPU or TPU "auto"
+gives XLA's own convolutions.
 
 Mixed precision: ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Batch-norm
 statistics are reduced and stored in float32 (flax's ``force_float32_reductions``), and the logits
@@ -42,6 +44,8 @@ from resnet_jax.conv import (  # noqa: F401  (re-exported: models.conv_per_group
     CONVS,
     GROUPED_CONVS,
     STEM_CONVS,
+    compiler_options,
+    conv_by_map,
     conv_function,
     conv_im2col,
     conv_per_group,

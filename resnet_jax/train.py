@@ -35,6 +35,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax import conv as conv_lib
 from resnet_jax import data as data_lib
 from resnet_jax import finetune, models
 from resnet_jax.checkpoint import Checkpointer, Restored
@@ -248,7 +249,8 @@ def _chunk_start(start: Any, num_steps: int, batch_size: int, examples: int) -> 
 def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
                     augment: bool = False, random_erasing: float = 0.0,
                     label_smoothing: float = 0.0, dtype: Any = jnp.float32,
-                    loop_single_steps: bool = False) -> Callable:
+                    loop_single_steps: bool = False,
+                    compiler_options: dict[str, str] | None = None) -> Callable:
     """`loop(state, accum, data, perm, start, num_steps) -> (state, accum, chunk_loss_sum)`.
 
     Runs `num_steps` train steps (a traced count: one compilation serves every chunk length)
@@ -262,7 +264,8 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
     in the persistent compilation cache.
 
     `dtype` is the dtype the uint8 images are preprocessed to; the model's own `dtype` sets
-    the precision its layers compute in (the trainer gives both the same).
+    the precision its layers compute in (the trainer gives both the same). `compiler_options`
+    go to `jax.jit` (`resnet_jax.conv.compiler_options(config.conv)`).
     """
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {seed}")
@@ -287,8 +290,10 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
     def single(state, accum, data, perm, start, seed):
         return body(0, (state, accum, jnp.zeros((), jnp.float32)), data, perm, start, seed)
 
-    looped = jax.jit(loop, out_shardings=replicated, donate_argnums=(0, 1))
-    unrolled = jax.jit(single, out_shardings=replicated, donate_argnums=(0, 1))
+    looped = jax.jit(loop, out_shardings=replicated, donate_argnums=(0, 1),
+                     compiler_options=compiler_options)
+    unrolled = jax.jit(single, out_shardings=replicated, donate_argnums=(0, 1),
+                       compiler_options=compiler_options)
 
     def run(state, accum, data, perm, start, num_steps):
         num_steps = int(num_steps)
@@ -311,8 +316,10 @@ def make_train_loop(mesh: Mesh, *, batch_size: int, image_size: int, seed: int,
     return run
 
 
-def make_eval_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32) -> Callable:
-    """`evaluate(state, data, idx, mask) -> sums` over test batches `idx` [num_batches, batch]."""
+def make_eval_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32,
+                   compiler_options: dict[str, str] | None = None) -> Callable:
+    """`evaluate(state, data, idx, mask) -> sums` over test batches `idx` [num_batches, batch];
+    `compiler_options` as for `make_train_loop`."""
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
@@ -330,15 +337,17 @@ def make_eval_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32) -> 
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
         return jax.lax.scan(body, zeros, (idx, mask))[0]
 
-    return jax.jit(evaluate, out_shardings=replicated)
+    return jax.jit(evaluate, out_shardings=replicated, compiler_options=compiler_options)
 
 
 def make_predict_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32,
-                      flip: bool = False) -> Callable:
+                      flip: bool = False,
+                      compiler_options: dict[str, str] | None = None) -> Callable:
     """`predict(state, data, idx) -> probabilities` float32 [num_batches, batch, classes] for
     the test images `idx` [num_batches, batch]: the softmax of the logits (running BN
     statistics); with `flip`, the mean of the image's and its mirror image's (test-time
-    augmentation, as the recipe's random flips train for)."""
+    augmentation, as the recipe's random flips train for); `compiler_options` as for
+    `make_train_loop`."""
     batch = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
@@ -354,7 +363,7 @@ def make_predict_loop(mesh: Mesh, *, image_size: int, dtype: Any = jnp.float32,
 
         return jax.lax.scan(body, None, idx)[1]
 
-    return jax.jit(predict, out_shardings=replicated)
+    return jax.jit(predict, out_shardings=replicated, compiler_options=compiler_options)
 
 
 def summarize_eval(sums: dict) -> dict:
@@ -650,7 +659,8 @@ def evaluate_checkpoint(workdir: str | Path, checkpoint: str | int = "latest",
     config, state, dataset, step = restore_state(workdir, checkpoint, data_dir, mesh)
     batch = config.batch_size - config.batch_size % mesh.size or mesh.size
     idx, mask = replicate(data_lib.eval_batches(len(dataset.test_labels), batch), mesh)
-    sums = make_eval_loop(mesh, image_size=config.image_size, dtype=compute_dtype(config))(
+    sums = make_eval_loop(mesh, image_size=config.image_size, dtype=compute_dtype(config),
+                          compiler_options=conv_lib.compiler_options(config.conv))(
         state, put_dataset(dataset, mesh), idx, mask)
     return {"step": step, **summarize_eval(sums),
             "confusion": np.asarray(sums["confusion"]).round().astype(np.int64),
@@ -664,7 +674,8 @@ def _predict(config: Config, state: TrainState, dataset: data_lib.Dataset, ddata
     batch = config.batch_size - config.batch_size % mesh.size or mesh.size
     idx, _ = data_lib.eval_batches(len(dataset.test_labels), batch)
     probs = make_predict_loop(mesh, image_size=config.image_size, dtype=compute_dtype(config),
-                              flip=flip)(state, ddata, replicate(idx, mesh))
+                              flip=flip, compiler_options=conv_lib.compiler_options(config.conv)
+                              )(state, ddata, replicate(idx, mesh))
     return np.asarray(probs).reshape(-1, probs.shape[-1])[:len(dataset.test_labels)]
 
 
@@ -900,6 +911,7 @@ class Programs:
 def build_programs(plan: Plan, mesh: Mesh) -> Programs:
     """Traces the initialisation and defines (without compiling) the train and eval loops."""
     config, dtype = plan.config, compute_dtype(plan.config)
+    options = conv_lib.compiler_options(config.conv)
     tx = create_optimizer(config, plan.steps_per_epoch)
     init, abstract = _initializer(config, plan.model, tx, plan.dataset.spec.image_shape[-1],
                                   mesh)
@@ -907,8 +919,10 @@ def build_programs(plan: Plan, mesh: Mesh) -> Programs:
                                  seed=config.seed, augment=config.augment,
                                  random_erasing=config.random_erasing,
                                  label_smoothing=config.label_smoothing, dtype=dtype,
-                                 loop_single_steps=plan.dispatch > 1)
-    eval_loop = make_eval_loop(mesh, image_size=config.image_size, dtype=dtype)
+                                 loop_single_steps=plan.dispatch > 1,
+                                 compiler_options=options)
+    eval_loop = make_eval_loop(mesh, image_size=config.image_size, dtype=dtype,
+                               compiler_options=options)
     # The seed traced like the epoch: one program for every seed (compilation cache).
     permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,),
                           out_shardings=NamedSharding(mesh, P()))

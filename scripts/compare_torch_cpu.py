@@ -29,6 +29,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from resnet_jax.cli import main_guard, run_main  # noqa: E402
+from resnet_jax.conv import CONVS  # noqa: E402
 from resnet_jax.errors import UserError  # noqa: E402
 
 PROG = "compare_torch_cpu.py"
@@ -59,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="timed repeats of each framework, alternating; default 3")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="PyTorch's intra-op threads; default: the CPU count")
-    parser.add_argument("--conv", default="auto", choices=("auto", "xla", "im2col", "by_size"),
-                        help="resnet_jax's Config.conv; default auto (by_size on a CPU)")
+    parser.add_argument("--conv", default="auto", choices=CONVS,
+                        help="resnet_jax's Config.conv; default auto (by_map on a CPU)")
     parser.add_argument("--json", action="store_true", help="also one JSON line per size")
     return parser
 

@@ -43,7 +43,7 @@ def test_benchmark_json_fields_are_sane():
         assert r["train_images_per_sec"] > 0 and r["eval_images_per_sec"] > 0
         assert r["step_time_ms"] > 0 and len(r["train_images_per_sec_repeats"]) == 1
         assert (r["stem_conv"], r["stem_conv_used"]) == ("auto", "direct")  # on a CPU
-        assert (r["conv"], r["conv_used"]) == ("auto", "by_size")
+        assert (r["conv"], r["conv_used"]) == ("auto", "by_map")
         assert r["forward_flops_per_image"] > 0 and r["params"] > 0
         # A train step (forward, backward ~2x, update) costs about three forward passes.
         assert 2 < r["train_flops_per_image"] / r["forward_flops_per_image"] < 4.5
@@ -137,7 +137,7 @@ def test_device_time_by_op_reads_a_gpu_trace(tmp_path):
     (["--batch_size", "128", "0"], "--batch_size 0: must be positive"),
     (["--precision", "fp16"], "--precision 'fp16': unknown; valid: fp32, bf16"),
     (["--steps", "many"], "--steps expects int"),
-    (["--conv", "xla,fft"], "--conv 'fft': unknown; valid: auto, xla, im2col, by_size"),
+    (["--conv", "xla,fft"], "--conv 'fft': unknown; valid: auto, xla, im2col, by_size, by_map"),
     (["--end_to_end", "--precision", "fp32,bf16"], "--end_to_end takes one --precision"),
     (["--end_to_end", "--profile", "p"], "--profile applies to the synthetic benchmark"),
     (["--profile", "/dev/null", "--width", "4", "--image_size", "16", "--stem", "small"],

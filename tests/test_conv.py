@@ -68,26 +68,84 @@ def test_conv_im2col_is_lax_conv_with_its_gradients(case):
     assert ("conv_general_dilated" in jaxpr) == xla_forward
 
 
+# Maps of at most 4 pixels, which conv_by_map computes as one product with the conv's matrix.
+TINY_MAP_CASES = {
+    "3x3/1 on 2x2": (3, 1, 1, 8, 8, (2, 2), ((1, 1), (1, 1))),
+    "3x3/1 on 1x1": (3, 1, 1, 8, 8, (1, 1), ((1, 1), (1, 1))),
+    "3x3/2 on 2x2": (3, 2, 1, 8, 16, (2, 2), ((1, 1), (1, 1))),
+    "3x3/1 on 1x3, uneven padding": (3, 1, 1, 4, 8, (1, 3), ((1, 0), (0, 1))),
+    "3x3/1 on 2x2, no padding": (3, 1, 1, 4, 8, (2, 2), ((0, 0), (0, 0))),
+}
+
+
+@pytest.mark.parametrize("case", [*IM2COL_CASES.values(), *TINY_MAP_CASES.values()],
+                         ids=[*IM2COL_CASES, *TINY_MAP_CASES])
+def test_conv_by_map_is_lax_conv_with_its_gradients(case):
+    kernel, stride, groups, cin, cout, size, padding = case
+    rng = np.random.default_rng(kernel * 10 + stride + size[0])
+    loss = functools.partial(_loss, conv.conv_by_map, (stride, stride), padding, groups, NHWC)
+    with jax.enable_x64(True):  # float64: equal up to the order of the sums
+        x = jnp.asarray(rng.normal(size=(2, *size, cin)))
+        k = jnp.asarray(rng.normal(size=(kernel, kernel, cin // groups, cout)))
+        args = {"strides": (stride, stride), "padding": padding, "groups": groups}
+        want = _value_and_grads(lax.conv_general_dilated, x, k, **args)
+        got = _value_and_grads(conv.conv_by_map, x, k, **args)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, k: loss(x, k)[0], (0, 1)))(x, k))
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-11)
+    # XLA's convolution, forward and both gradients, for ungrouped kernels larger than 1x1 on
+    # maps of more than 4 pixels; otherwise products.
+    xla = groups == 1 and kernel > 1 and size[0] * size[1] > conv.DENSE_MAX_PIXELS
+    assert ("conv_general_dilated" in jaxpr) == xla
+    assert "cond" in jaxpr if xla else "cond" not in jaxpr  # the weight gradient's transposes
+
+
+def test_by_map_compiler_options_take_xla_cpus_convolutions_out_of_ynnpack(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")  # (the suite's own XLA_FLAGS set that flag)
+    options = conv.compiler_options("by_map", "cpu")
+    assert options == {conv.YNN_FUSION_FLAG: conv.YNN_FUSIONS_WITHOUT_CONVS}
+    assert conv.compiler_options("auto", "gpu") is None
+    assert conv.compiler_options("by_size", "cpu") is None
+    assert conv.compiler_options("xla", "cpu") is None
+    # The option XLA:CPU parses (a bad value is an error) and acts on: XLA's convolution runs
+    # as a YNNPACK fusion when that list names convolutions, and not under by_map's list.
+    x, k = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+
+    def program(fusions):
+        f = jax.jit(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                          dimension_numbers=NHWC),
+                    compiler_options={conv.YNN_FUSION_FLAG: fusions})
+        return f.lower(x, k).compile().as_text()
+
+    assert "__ynn_fusion" in program("LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")
+    assert "__ynn_fusion" not in program(conv.YNN_FUSIONS_WITHOUT_CONVS)
+    # A user's own XLA_FLAGS setting of that flag wins.
+    monkeypatch.setenv("XLA_FLAGS", f"--{conv.YNN_FUSION_FLAG}=")
+    assert conv.compiler_options("by_map", "cpu") is None
+
+
+@pytest.mark.parametrize("side", [12, 2])  # (by_map: XLA's convolution, the dense matrix)
 @pytest.mark.parametrize("stride", [1, 2])  # (the two ways its gradient is computed)
-def test_conv_im2col_in_bf16_is_as_close_as_xla_to_float64(stride):
+def test_conv_im2col_and_by_map_in_bf16_are_as_close_as_xla_to_float64(stride, side):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(4, 12, 12, 16))
+    x = rng.normal(size=(4, side, side, 16))
     k = rng.normal(size=(3, 3, 16, 32)) / 12
     args = {"strides": (stride, stride), "padding": ((1, 1), (1, 1))}
     with jax.enable_x64(True):
         exact = _value_and_grads(lax.conv_general_dilated, jnp.asarray(x), jnp.asarray(k), **args)
     bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, k)]
-    got = _value_and_grads(conv.conv_im2col, *bf16, **args)
     xla = _value_and_grads(lax.conv_general_dilated, *bf16, **args)
-    assert got[0].dtype == xla[0].dtype == jnp.bfloat16
 
     def error(tree):
         pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(exact), strict=True)
         return max(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b)))
                    / np.max(np.abs(np.asarray(b))) for a, b in pairs)
 
-    # bf16 keeps 8 significant bits (relative rounding 2^-8 = 0.0039).
-    assert error(got) < 0.02 and error(got) < 2 * error(xla) + 0.004, (error(got), error(xla))
+    for conv_fn in (conv.conv_im2col, conv.conv_by_map):
+        got = _value_and_grads(conv_fn, *bf16, **args)
+        assert got[0].dtype == xla[0].dtype == jnp.bfloat16
+        # bf16 keeps 8 significant bits (relative rounding 2^-8 = 0.0039).
+        assert error(got) < 0.02 and error(got) < 2 * error(xla) + 0.004, (conv_fn,
+                                                                           error(got), error(xla))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -192,16 +250,17 @@ NETWORKS = {
         functools.partial(models.create_model, "resnet18", width=8), 32,
         [{"conv": "xla", "stem_conv": "direct"}, {"conv": "xla", "stem_conv": "space_to_depth"},
          {"conv": "im2col", "stem_conv": "direct"},
-         {"conv": "im2col", "stem_conv": "space_to_depth"}]),
+         {"conv": "im2col", "stem_conv": "space_to_depth"},
+         {"conv": "by_map", "stem_conv": "direct"}]),
     "resnext small stem": (
         functools.partial(models.ResNet, ((1, 64), (1, 128)), "bottleneck", cardinality=8,
                           base_width=8, width=16, stem="small"), 8,
         [{"conv": "xla", "grouped_conv": "native"}, {"conv": "xla", "grouped_conv": "split"},
-         {"conv": "im2col"}]),
+         {"conv": "im2col"}, {"conv": "by_map"}]),
     "preact_resnet18 torchvision": (
         functools.partial(models.create_model, "preact_resnet18", width=8,
                           variant="torchvision"), 32,
-        [{"conv": "xla"}, {"conv": "im2col"}]),
+        [{"conv": "xla"}, {"conv": "im2col"}, {"conv": "by_map"}]),
 }
 
 
@@ -258,9 +317,11 @@ def test_the_choices_reach_the_program():
     assert _primitives(conv="im2col").count("conv_general_dilated") == 0
     # (at 32x32 and batch 2, every conv of a width-8 ResNet-18 is below the threshold)
     assert _primitives(conv="by_size").count("conv_general_dilated") == 20
+    # by_map: the stem and 9 convs on maps of 8x8 and 4x4; the 7 on 2x2 and 1x1 are products.
+    assert _primitives(conv="by_map").count("conv_general_dilated") == 10
     # The stem's max-pool goes with the convolutions: XLA's reduce-window, or slices.
     assert "reduce_window_max" in _primitives(conv="xla")
-    assert all("reduce_window" not in _primitives(conv=c) for c in ("by_size", "im2col"))
+    assert all("reduce_window" not in _primitives(conv=c) for c in ("by_size", "im2col", "by_map"))
     assert _primitives(conv="xla", stem_conv="direct").count("conv_general_dilated") == 20
     strided = {s: _primitives(conv="xla", stem_conv=s).count("window_strides=(2, 2)")
                for s in ("direct", "space_to_depth")}
@@ -271,7 +332,7 @@ def test_the_choices_reach_the_program():
 
 
 @pytest.mark.parametrize("backend, want", [
-    ("cpu", {"conv": "by_size", "grouped_conv": "split", "stem_conv": "direct"}),
+    ("cpu", {"conv": "by_map", "grouped_conv": "split", "stem_conv": "direct"}),
     ("gpu", {"conv": "xla", "grouped_conv": "native", "stem_conv": "space_to_depth"}),
     ("tpu", {"conv": "xla", "grouped_conv": "native", "stem_conv": "space_to_depth"}),
 ])
@@ -304,11 +365,12 @@ def test_one_train_step_is_the_same_with_every_conv_choice():
     x = jnp.asarray(np.random.default_rng(1).random(size=(8, 16, 16, 1)), jnp.float32)
     batch = {"image": x, "label": jnp.arange(8) % 10}
     states = {}
-    for choice in ("xla", "im2col"):
+    for choice in ("xla", "im2col", "by_map"):
         model = models.create_model("resnet18", width=8, stem="small", conv=choice)
         state = create_train_state(model, optax.sgd(0.01), jax.random.key(0), x.shape)
         states[choice] = jax.jit(train_step)(state, batch)
-    (xla, m_xla), (im2col, m_im2col) = states["xla"], states["im2col"]
-    np.testing.assert_allclose(m_im2col["loss"], m_xla["loss"], rtol=1e-5)
-    chex.assert_trees_all_close(im2col.params, xla.params, rtol=1e-4, atol=1e-6)
-    chex.assert_trees_all_close(im2col.batch_stats, xla.batch_stats, rtol=1e-4, atol=1e-6)
+    xla, m_xla = states.pop("xla")
+    for other, metrics in states.values():
+        np.testing.assert_allclose(metrics["loss"], m_xla["loss"], rtol=1e-5)
+        chex.assert_trees_all_close(other.params, xla.params, rtol=1e-4, atol=1e-6)
+        chex.assert_trees_all_close(other.batch_stats, xla.batch_stats, rtol=1e-4, atol=1e-6)
