@@ -68,18 +68,22 @@ def test_conv_im2col_is_lax_conv_with_its_gradients(case):
     assert ("conv_general_dilated" in jaxpr) == xla_forward
 
 
-# Maps of at most 4 pixels, which conv_by_map computes as one product with the conv's matrix.
-TINY_MAP_CASES = {
+# Maps of at most 4 pixels, which conv_by_map computes as one product with the conv's matrix,
+# and other strides and paddings.
+BY_MAP_CASES = {
     "3x3/1 on 2x2": (3, 1, 1, 8, 8, (2, 2), ((1, 1), (1, 1))),
     "3x3/1 on 1x1": (3, 1, 1, 8, 8, (1, 1), ((1, 1), (1, 1))),
     "3x3/2 on 2x2": (3, 2, 1, 8, 16, (2, 2), ((1, 1), (1, 1))),
     "3x3/1 on 1x3, uneven padding": (3, 1, 1, 4, 8, (1, 3), ((1, 0), (0, 1))),
     "3x3/1 on 2x2, no padding": (3, 1, 1, 4, 8, (2, 2), ((0, 0), (0, 0))),
+    # Strided convs' gradients: an even kernel, uneven padding, stride 3.
+    "4x4/2, uneven padding": (4, 2, 1, 4, 8, (9, 8), ((1, 2), (0, 1))),
+    "3x3/3, uneven padding": (3, 3, 1, 4, 8, (10, 9), ((1, 1), (0, 2))),
 }
 
 
-@pytest.mark.parametrize("case", [*IM2COL_CASES.values(), *TINY_MAP_CASES.values()],
-                         ids=[*IM2COL_CASES, *TINY_MAP_CASES])
+@pytest.mark.parametrize("case", [*IM2COL_CASES.values(), *BY_MAP_CASES.values()],
+                         ids=[*IM2COL_CASES, *BY_MAP_CASES])
 def test_conv_by_map_is_lax_conv_with_its_gradients(case):
     kernel, stride, groups, cin, cout, size, padding = case
     rng = np.random.default_rng(kernel * 10 + stride + size[0])
