@@ -84,7 +84,7 @@ def compiler_options(conv: str = "auto", backend: str | None = None) -> dict[str
     compiler_options=...)``), or None: under ``"by_map"`` on a CPU, XLA:CPU's convolutions
     run outside YNNPACK (``YNN_FUSIONS_WITHOUT_CONVS``), unless ``XLA_FLAGS`` already sets
     that flag. Why: on a Xeon with AVX-512 XLA:CPU's other convolution kernels ran the
-    chapter's 3x3 convolutions 1.2-1.8x faster forward and 1.2-3.4x faster as weight gradients
+    chapter's 3x3 convolutions 1.2-2.4x faster forward and 1.4-3.4x faster as weight gradients
     (benchmarks.md). Without these options a "by_map" program gives the same values, slower.
     """
     if resolve_conv(conv, backend) != "by_map" or not _on_cpu(backend) \
