@@ -169,10 +169,7 @@ def conv_im2col(
             feature_group_count=feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type)
     kh, kw, cg, out = rhs.shape
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    strides = tuple(int(s) for s in window_strides)
+    strides, padding = _explicit(lhs.shape[1:3], (kh, kw), window_strides, padding)
     if feature_group_count == 1 and kh * kw > 1:
         return _windows_conv(lhs, rhs, strides, padding, precision, preferred_element_type)
     dot = functools.partial(jnp.einsum, precision=precision,
@@ -189,6 +186,23 @@ def conv_im2col(
 
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _explicit(size: Sequence[int], window: Sequence[int], window_strides: Sequence[int],
+              padding: Any) -> tuple[tuple[int, int], Pads]:
+    """Strides and padding as ints, a padding string (``"SAME"``) resolved for an input of
+    spatial ``size`` and a ``window`` = ``(kh, kw)`` kernel."""
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(size, window, window_strides, padding)
+    return (tuple(int(s) for s in window_strides),
+            tuple((int(lo), int(hi)) for lo, hi in padding))
+
+
+def _output_size(size: Sequence[int], window: Sequence[int], strides: Sequence[int],
+                 padding: Pads) -> tuple[int, int]:
+    """The spatial output size of a convolution with explicit padding."""
+    return tuple((n + lo + hi - k) // s + 1
+                 for n, k, s, (lo, hi) in zip(size, window, strides, padding, strict=True))
 
 
 def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Pads,
@@ -384,11 +398,8 @@ def conv_flops(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_stride
     """Forward FLOPs of an NHWC/HWIO convolution (a multiply-add counts 2)."""
     n, h, w, _ = lhs_shape
     kh, kw, cg, out = rhs_shape
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads((h, w), (kh, kw), window_strides, padding)
-    (top, bottom), (left, right) = padding
-    oh = (h + top + bottom - kh) // window_strides[0] + 1
-    ow = (w + left + right - kw) // window_strides[1] + 1
+    strides, padding = _explicit((h, w), (kh, kw), window_strides, padding)
+    oh, ow = _output_size((h, w), (kh, kw), strides, padding)
     return 2.0 * n * oh * ow * kh * kw * cg * out
 
 
@@ -425,10 +436,7 @@ def conv_by_map(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], p
     kh, kw = rhs.shape[:2]
     if not plain or kwargs.get("feature_group_count", 1) > 1 or kh * kw == 1:
         return conv_im2col(lhs, rhs, window_strides, padding, **kwargs)
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    strides = tuple(int(s) for s in window_strides)
+    strides, padding = _explicit(lhs.shape[1:3], (kh, kw), window_strides, padding)
     precision = kwargs.get("precision")
     element_type = kwargs.get("preferred_element_type")
     if lhs.shape[1] * lhs.shape[2] <= DENSE_MAX_PIXELS:
@@ -440,8 +448,8 @@ def _taps(size: tuple[int, int], window: tuple[int, int], strides: tuple[int, in
           padding: Pads) -> np.ndarray:
     """``(H'*W', H*W, kh*kw)`` one-hot: which kernel tap joins input pixel q to output pixel p
     (none where the tap falls in the padding)."""
-    (h, w), (kh, kw), (sh, sw), ((top, bottom), (left, right)) = size, window, strides, padding
-    oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+    (h, w), (kh, kw), (sh, sw), ((top, _), (left, _)) = size, window, strides, padding
+    oh, ow = _output_size(size, window, strides, padding)
     taps = np.zeros((oh, ow, h, w, kh, kw), np.float32)
     for y, x, i, j in np.ndindex(oh, ow, kh, kw):
         u, v = y * sh + i - top, x * sw + j - left
@@ -469,9 +477,7 @@ def conv_dense(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int], padding
     y = jnp.einsum("nk,km->nm", lhs.reshape(n, h * w * c),
                    matrix.reshape(h * w * c, -1), precision=precision,
                    preferred_element_type=preferred_element_type)
-    oh, ow = ((size + lo + hi - k) // stride + 1 for size, (lo, hi), k, stride
-              in zip((h, w), padding, (kh, kw), strides, strict=True))
-    return y.reshape(n, oh, ow, out)
+    return y.reshape(n, *_output_size((h, w), (kh, kw), strides, padding), out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
